@@ -1,0 +1,78 @@
+//! Version negotiation (v0.1 §5.1, v0.2 §4): `MAJOR.MINOR`; majors must match; on a minor
+//! mismatch the lower minor wins; no common version is -33001 with the supported list.
+
+use std::fmt;
+
+use crate::error::CrpError;
+
+/// A protocol version this implementation speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Version {
+    /// v0.1: `crp/resolve` returns material.
+    V0_1,
+    /// v0.2: `crp/use` returns a handle.
+    V0_2,
+}
+
+/// Supported versions, newest first.
+pub const SUPPORTED: [&str; 2] = ["0.2", "0.1"];
+
+impl Version {
+    /// The newest version.
+    pub const LATEST: Version = Version::V0_2;
+
+    /// `MAJOR.MINOR`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::V0_1 => "0.1",
+            Self::V0_2 => "0.2",
+        }
+    }
+
+    fn minor(self) -> u64 {
+        match self {
+            Self::V0_1 => 1,
+            Self::V0_2 => 2,
+        }
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+fn parse(v: &str) -> Option<(u64, u64)> {
+    let (major, minor) = v.trim().split_once('.')?;
+    let digits = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(major) || !digits(minor) {
+        return None;
+    }
+    Some((major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// Pick the version to speak with a caller who asked for `requested` (`None`: the newest).
+///
+/// ```
+/// use crp_core::version::{negotiate, Version};
+/// assert_eq!(negotiate(None).unwrap(), Version::V0_2);
+/// assert_eq!(negotiate(Some("0.1")).unwrap(), Version::V0_1);
+/// let e = negotiate(Some("2.0")).unwrap_err();
+/// assert_eq!(e.data.unwrap().supported.unwrap(), vec!["0.2", "0.1"]);
+/// ```
+pub fn negotiate(requested: Option<&str>) -> Result<Version, CrpError> {
+    let Some(requested) = requested else {
+        return Ok(Version::LATEST);
+    };
+    let mismatch = || CrpError::version_mismatch(requested, &SUPPORTED);
+    let (major, minor) = parse(requested).ok_or_else(mismatch)?;
+    if major != 0 {
+        return Err(mismatch());
+    }
+    // Lower minor wins: the highest version we speak whose minor is <= the caller's.
+    [Version::V0_2, Version::V0_1]
+        .into_iter()
+        .find(|v| v.minor() <= minor)
+        .ok_or_else(mismatch)
+}
