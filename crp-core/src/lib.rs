@@ -12,6 +12,7 @@
 //! - [`error`]: the error registry; `data` is typed so it cannot carry a secret;
 //! - [`version`]: `MAJOR.MINOR` negotiation;
 //! - [`provider`] and [`dispatch`]: the seam between protocol and implementation;
+//! - [`signing`]: the Ed25519 request signature agents put on HTTP calls;
 //! - [`schema`]: the list of messages exported as JSON Schema files.
 //!
 //! ```
@@ -28,6 +29,7 @@ pub mod methods;
 pub mod provider;
 pub mod schema;
 pub mod secret;
+pub mod signing;
 pub mod types;
 pub mod version;
 
