@@ -24,6 +24,7 @@
 
 pub mod dispatch;
 pub mod error;
+pub mod fixtures;
 pub mod jsonrpc;
 pub mod methods;
 pub mod provider;
