@@ -163,38 +163,62 @@ pub fn decode<T: DeserializeOwned>(params: Value) -> Result<T, CrpError> {
     serde_json::from_value(params).map_err(|e| CrpError::invalid_params(redact_serde_message(&e.to_string())))
 }
 
-/// serde_json quotes the offending value (`invalid type: string "sk-…", expected u32`);
-/// replace every quoted or back-ticked span after "invalid"/"unknown variant" with `…`.
-/// Field names in "unknown field"/"missing field" stay, since they come from the schema or are
-/// keys rather than values.
+/// Rewrite a serde error message so that nothing the caller sent survives.
+///
+/// serde quotes the offending input (`invalid type: string "sk-…", expected u32`, ``unknown
+/// variant `x` ``, ``unknown field `x` ``), and a quoted value may itself contain quotes or
+/// backticks, so the message is not parsed. Only serde's own words are kept: the kind of
+/// failure (with the JSON type of the value for `invalid type`), and the text after the last
+/// `, expected `, which serde builds from this crate's types. `missing field` and `duplicate
+/// field` name fields of this crate's types and are kept when they are plain identifiers.
+/// Anything else becomes a fixed message.
+///
+/// ```
+/// use crp_core::dispatch::redact_serde_message;
+/// let m = redact_serde_message(r#"invalid type: string "sk-live-CANARY", expected u32"#);
+/// assert_eq!(m, "invalid type: string, expected u32");
+/// let m = redact_serde_message("unknown variant `sk`CANARY`, expected `renew` or `release`");
+/// assert_eq!(m, "unknown variant, expected `renew` or `release`");
+/// assert_eq!(redact_serde_message("missing field `service`"), "missing field `service`");
+/// ```
 pub fn redact_serde_message(msg: &str) -> String {
-    let keep_ticks = msg.starts_with("unknown field") || msg.starts_with("missing field");
-    let mut out = String::with_capacity(msg.len());
-    let mut in_quote = false;
-    let mut tick_count = 0usize;
-    for ch in msg.chars() {
-        match ch {
-            '"' => {
-                in_quote = !in_quote;
-                out.push('"');
-                if in_quote {
-                    out.push('…');
+    const GENERIC: &str = "params do not match the method's schema";
+    for kind in ["missing field", "duplicate field"] {
+        if let Some(rest) = msg.strip_prefix(kind) {
+            let name = rest.strip_prefix(" `").and_then(|r| r.strip_suffix('`'));
+            return match name {
+                Some(n) if !n.is_empty() && n.len() <= 64 && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+                    format!("{kind} `{n}`")
                 }
-            }
-            '`' if !in_quote => {
-                tick_count += 1;
-                out.push('`');
-                // First back-ticked span is the value for "unknown variant `x`, expected ...".
-                if !keep_ticks && tick_count == 1 {
-                    out.push('…');
-                }
-            }
-            _ if in_quote => {}
-            _ if !keep_ticks && tick_count == 1 => {}
-            c => out.push(c),
+                _ => kind.to_string(),
+            };
         }
     }
-    out
+    if msg.ends_with(", there are no fields") {
+        // serde's wording for a field-less struct: nothing of ours to keep.
+        return "unknown field".to_string();
+    }
+    let expected = msg.rfind(", expected ").map(|i| &msg[i..]).unwrap_or("");
+    let expected_is_ours = !expected.contains('"') && expected.len() <= 512;
+    let expected = if expected_is_ours { expected } else { "" };
+    if let Some(rest) = msg.strip_prefix("invalid type: ") {
+        // serde names the JSON type before the quoted value: `string "..."`, `integer `5``,
+        // `map`, `sequence`, `boolean `true``, `floating point `1.5``, `null`.
+        let end = rest.find(['"', '`', ',']).unwrap_or(rest.len());
+        let ty = rest[..end].trim();
+        let ty = if !ty.is_empty() && ty.len() <= 24 && ty.bytes().all(|b| b.is_ascii_lowercase() || b == b' ') {
+            ty
+        } else {
+            "value"
+        };
+        return format!("invalid type: {ty}{expected}");
+    }
+    for kind in ["invalid value", "invalid length", "unknown variant", "unknown field"] {
+        if msg.starts_with(kind) {
+            return format!("{kind}{expected}");
+        }
+    }
+    GENERIC.to_string()
 }
 
 #[cfg(test)]
@@ -209,9 +233,25 @@ mod tests {
         let m = redact_serde_message("unknown variant `sk-SECRET`, expected `renew` or `release`");
         assert!(!m.contains("SECRET"), "{m}");
         assert!(m.contains("renew"), "{m}");
-        let m = redact_serde_message("unknown field `servce`, expected one of `service`, `scopes`");
-        assert!(m.contains("servce"), "{m}");
+        let m = redact_serde_message("unknown field `sk-SECRET`, expected one of `service`, `scopes`");
+        assert_eq!(m, "unknown field, expected one of `service`, `scopes`");
         let m = redact_serde_message("missing field `service`");
         assert_eq!(m, "missing field `service`");
+    }
+
+    #[test]
+    fn quotes_and_ticks_inside_values_do_not_fool_it() {
+        for msg in [
+            r#"invalid type: string "x\"SECRET\"y", expected u32"#,
+            "unknown variant `a`SECRET`, expected `renew` or `release`",
+            "unknown field `a`, expected SECRET`, expected one of `service`",
+            "invalid value: string \"a, expected SECRET\", expected a date",
+            "missing field `SECRET\" or something`",
+            "SECRET in a custom message",
+            "unknown field `a, expected SECRET`, there are no fields",
+        ] {
+            let m = redact_serde_message(msg);
+            assert!(!m.contains("SECRET"), "{msg} -> {m}");
+        }
     }
 }

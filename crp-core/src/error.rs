@@ -166,10 +166,15 @@ pub struct ErrorData {
     /// Seconds to wait (-33008).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// The limit that was hit, in words, e.g. `10 requests per minute` (-33008, v0.1 §12).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<String>,
     /// Id of the held request an operator can approve or deny (-33020).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approval_id: Option<String>,
-    /// The lease concerned (-33004, -33005, -33006).
+    /// A lease concerned. Lease ids are bearer secrets (v0.1 §11.2), so this crate's
+    /// constructors never fill it from what a caller sent; a provider may set it to an id the
+    /// caller is known to hold already.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_id: Option<String>,
     /// The service concerned (-33002).
@@ -187,9 +192,16 @@ pub struct ErrorData {
 ///
 /// ```
 /// use crp_core::CrpError;
-/// let e = CrpError::lease_not_found("l-1");
+/// let e = CrpError::policy_denied("scope admin:org is not permitted", Some("deny-admin".into()));
+/// assert_eq!(e.code, -33003);
+/// let json = serde_json::to_value(&e).unwrap();
+/// assert_eq!(json["data"]["error"], "policy_denied");
+/// assert_eq!(json["data"]["policy"], "deny-admin");
+///
+/// // Lease ids are bearer secrets: lease errors never echo them.
+/// let e = CrpError::lease_not_found("lease-7f3a9b2c");
 /// assert_eq!(e.code, -33004);
-/// assert_eq!(serde_json::to_value(&e).unwrap()["data"]["leaseId"], "l-1");
+/// assert!(!serde_json::to_string(&e).unwrap().contains("7f3a9b2c"));
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct CrpError {
@@ -241,9 +253,18 @@ impl CrpError {
         Self::new(ErrorCode::InvalidRequest, format!("invalid request: {}", detail.into()))
     }
     /// -32601.
+    ///
+    /// The name is echoed only when it looks like a method name (at most 64 characters of
+    /// letters, digits and `._/-`).
     pub fn method_not_found(method: &str) -> Self {
-        let shown: String = method.chars().take(64).collect();
-        Self::new(ErrorCode::MethodNotFound, format!("method not found: {shown}"))
+        let looks_like_method = !method.is_empty()
+            && method.len() <= 64
+            && method.bytes().all(|b| b.is_ascii_alphanumeric() || b"._/-".contains(&b));
+        if looks_like_method {
+            Self::new(ErrorCode::MethodNotFound, format!("method not found: {method}"))
+        } else {
+            Self::new(ErrorCode::MethodNotFound, "method not found")
+        }
     }
     /// -32602.
     pub fn invalid_params(detail: impl Into<String>) -> Self {
@@ -254,11 +275,22 @@ impl CrpError {
         Self::new(ErrorCode::InternalError, "internal error")
     }
     /// -33001 with the supported list.
+    ///
+    /// The requested version is echoed only when it looks like a version (digits and dots, at
+    /// most 16 characters), so a header holding something else is never reflected.
     pub fn version_mismatch(requested: &str, supported: &[&str]) -> Self {
-        let shown: String = requested.chars().take(16).collect();
+        let requested = requested.trim();
+        let shown = if !requested.is_empty()
+            && requested.len() <= 16
+            && requested.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+        {
+            format!("`{requested}` is not supported")
+        } else {
+            "the requested version is not of the form MAJOR.MINOR".to_string()
+        };
         Self::new(
             ErrorCode::VersionMismatch,
-            format!("version mismatch: `{shown}` is not supported (supported: {})", supported.join(", ")),
+            format!("version mismatch: {shown} (supported: {})", supported.join(", ")),
         )
         .with_data(|d| d.supported = Some(supported.iter().map(|s| s.to_string()).collect()))
     }
@@ -275,20 +307,22 @@ impl CrpError {
             d.policy = policy;
         })
     }
-    /// -33004.
+    /// -33004. The id is not echoed: lease ids are bearer secrets (v0.1 §11.2) and errors
+    /// end up in logs. The caller correlates by JSON-RPC id.
     pub fn lease_not_found(lease_id: &str) -> Self {
+        let _ = lease_id;
         Self::new(ErrorCode::LeaseNotFound, "lease not found")
-            .with_data(|d| d.lease_id = Some(lease_id.chars().take(256).collect()))
     }
-    /// -33005.
+    /// -33005. The id is not echoed (see [`CrpError::lease_not_found`]).
     pub fn lease_expired(lease_id: &str) -> Self {
+        let _ = lease_id;
         Self::new(ErrorCode::LeaseExpired, "lease expired")
-            .with_data(|d| d.lease_id = Some(lease_id.into()))
     }
-    /// -33006.
+    /// -33006, saying why in words that carry no value. The id is not echoed (see
+    /// [`CrpError::lease_not_found`]).
     pub fn lease_not_renewable(lease_id: &str, why: &str) -> Self {
+        let _ = lease_id;
         Self::new(ErrorCode::LeaseNotRenewable, format!("lease not renewable: {why}"))
-            .with_data(|d| d.lease_id = Some(lease_id.into()))
     }
     /// -33007.
     pub fn credential_unavailable(why: impl Into<String>) -> Self {

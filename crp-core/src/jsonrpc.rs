@@ -45,6 +45,7 @@ impl From<&str> for Id {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Request {
     /// Always `"2.0"`.
+    #[schemars(extend("const" = "2.0"))]
     pub jsonrpc: String,
     /// Absent for a notification.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -83,6 +84,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub struct Response {
     /// Always `"2.0"`.
+    #[schemars(extend("const" = "2.0"))]
     pub jsonrpc: String,
     /// The request's id, unchanged.
     pub id: Option<Id>,

@@ -43,16 +43,23 @@ impl fmt::Display for Version {
     }
 }
 
+/// `(major, minor)` of a `MAJOR.MINOR` string (surrounding whitespace ignored). Numbers too
+/// large for `u64` saturate, which keeps the comparison right: such a major is never 0 and
+/// such a minor is above every minor we speak.
 fn parse(v: &str) -> Option<(u64, u64)> {
     let (major, minor) = v.trim().split_once('.')?;
-    let digits = |s: &str| !s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(major) || !digits(minor) {
-        return None;
-    }
-    Some((major.parse().ok()?, minor.parse().ok()?))
+    let number = |s: &str| {
+        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().unwrap_or(u64::MAX))
+    };
+    Some((number(major)?, number(minor)?))
 }
 
 /// Pick the version to speak with a caller who asked for `requested` (`None`: the newest).
+///
+/// Rules (v0.1 §5.2, v0.2 §4): the majors must match; when the minors differ the lower one
+/// wins, so a caller asking for `0.9` speaks `0.2` and one asking for `0.1` speaks `0.1`.
+/// Anything else, including a string that is not `MAJOR.MINOR`, is -33001 with
+/// `data.supported`. This function never panics.
 ///
 /// ```
 /// use crp_core::version::{negotiate, Version};

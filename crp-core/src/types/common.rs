@@ -126,7 +126,8 @@ pub struct Lease {
     /// RFC 3339 instant after which the lease is dead.
     #[schemars(extend("format" = "date-time"))]
     pub expires_at: String,
-    /// Granted lifetime in seconds.
+    /// Granted lifetime in seconds (at least 1, v0.1 Appendix A.2).
+    #[schemars(range(min = 1))]
     pub ttl: u32,
     /// Whether `crp/lease` renew may extend it.
     pub renewable: bool,

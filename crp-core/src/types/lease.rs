@@ -4,6 +4,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::common::{Lease, validate_ttl};
+use super::material::CredentialMaterial;
 use crate::error::CrpError;
 
 /// What to do with the lease.
@@ -50,6 +51,10 @@ pub struct LeaseRenewed {
     /// Unchanged proxy URL (v0.2 §5.3), when the lease came from `crp/use`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub proxy_base_url: Option<String>,
+    /// v0.1 §6.2 only: a rotated credential for a lease that came from `crp/resolve` (an
+    /// export). Never present for a `crp/use` lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<CredentialMaterial>,
 }
 
 /// A released lease.

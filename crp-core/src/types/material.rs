@@ -30,8 +30,9 @@ pub enum CredentialMaterial {
         /// Header to send it in.
         #[serde(default = "default_header")]
         header: String,
-        /// Prefix before the key, e.g. `Bearer`.
-        #[serde(default = "default_prefix", skip_serializing_if = "Option::is_none")]
+        /// Prefix before the key, `Bearer` when absent; `null` means no prefix (the key is
+        /// the whole header value). Always written, so that "no prefix" survives a round trip.
+        #[serde(default = "default_prefix")]
         prefix: Option<String>,
     },
     /// v0.1 §7.2.

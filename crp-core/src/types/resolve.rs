@@ -60,9 +60,8 @@ pub struct ResolveResult {
     pub credential: CredentialMaterial,
     /// The lease that tracks it.
     pub lease: Lease,
-    /// The service.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub service: Option<String>,
+    /// The service, echoed (REQUIRED, v0.1 §6.1).
+    pub service: String,
     /// Scopes granted.
     #[serde(default)]
     pub granted_scopes: Vec<String>,

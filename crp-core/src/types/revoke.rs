@@ -70,6 +70,9 @@ pub struct RevokeResult {
     /// RFC 3339 instant.
     #[schemars(extend("format" = "date-time"))]
     pub revoked_at: String,
-    /// Every delegated descendant revoked with it (v0.2 §5.4 MUST).
+    /// Leases revoked along with it: every delegated descendant (v0.2 §5.4 MUST); v0.1's
+    /// examples also list the named lease itself. Always written by this implementation;
+    /// OPTIONAL in v0.1, so absent reads as empty.
+    #[serde(default)]
     pub affected_leases: Vec<String>,
 }
