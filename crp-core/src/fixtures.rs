@@ -129,6 +129,10 @@ pub struct FixtureAgent {
     /// Roles, for providers that group agents (informative; outcomes name agents by id).
     #[serde(default)]
     pub roles: Vec<String>,
+    /// The agent may read the audit trail of the fixture credentials through whatever the
+    /// provider offers for it (ours: `x-crp/audit.query`, policy action `audit`).
+    #[serde(default)]
+    pub audit: bool,
 }
 
 /// Delegation limits.
@@ -406,6 +410,7 @@ impl Fixtures {
                 id: agent.into(),
                 name: "CRP conformance runner".into(),
                 roles: vec!["conformance".into()],
+                audit: true,
             }],
             delegation: DelegationLimits { max_depth: DEFAULT_MAX_DELEGATION_DEPTH },
             credentials,
