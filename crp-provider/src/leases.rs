@@ -1,0 +1,634 @@
+//! The lease state machine, the delegation tree and the expiry reaper.
+//!
+//! Semantics (Vault's, bounded by the spec):
+//! - a grant's TTL is `min(requested, credential max, provider max)` ([`Caps::grant_ttl`]);
+//! - every lease has a maximum lifetime fixed at creation; renew extends by the requested
+//!   increment from *now*, never past that maximum (nor past the parent's expiry);
+//! - expiry is hard: a lease past `expires_at` is dead for every operation (the proxy may honour
+//!   a configured grace of at most 60 s, see `config.rs`); the reaper marks such leases
+//!   `expired` so that they show up as such and are audited `lease.expired`;
+//! - a delegated child never outlives its parent (its expiry and maximum are capped by the
+//!   parent's), never out-scopes it (scopes ⊆ parent's), and sits at depth `parent + 1`,
+//!   bounded by the smallest `maxDepth` along the chain and the provider cap;
+//! - revoking (or releasing) a lease ends its whole subtree in one statement (recursive CTE)
+//!   and reports every affected id; a revoked lease never becomes active again.
+//!
+//! Lease ids carry 128 random bits (`lease_` + 32 hex). The per-lease session token carries
+//! 256 bits and is stored only as its SHA-256.
+//!
+//! Every function takes `now` (unix ms) explicitly so the rules can be property-tested with a
+//! simulated clock. This module stores no secret: only token hashes.
+
+use crp_core::types::Lease;
+use serde::Serialize;
+
+use crate::store::{Store, StoreError, rfc3339, with_pool, with_write_tx};
+
+/// TTL used when a request names none (then capped like any other).
+pub const DEFAULT_TTL: u32 = 3600;
+
+/// Lifecycle state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeaseState {
+    /// Usable until `expires_at`.
+    Active,
+    /// Given up by its holder.
+    Released,
+    /// Revoked (directly or through an ancestor).
+    Revoked,
+    /// Past its expiry (marked by the reaper).
+    Expired,
+}
+
+impl LeaseState {
+    /// Storage name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Released => "released",
+            Self::Revoked => "revoked",
+            Self::Expired => "expired",
+        }
+    }
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "active" => Self::Active,
+            "released" => Self::Released,
+            "revoked" => Self::Revoked,
+            "expired" => Self::Expired,
+            _ => return None,
+        })
+    }
+}
+
+/// A stored lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseRecord {
+    /// Id (`lease_…`).
+    pub id: String,
+    /// Credential key.
+    pub credential_key: String,
+    /// Service.
+    pub service: String,
+    /// Holder.
+    pub agent: String,
+    /// Parent lease for a delegated child.
+    pub parent_id: Option<String>,
+    /// 0 for a root.
+    pub depth: u32,
+    /// Deepest depth allowed in this chain.
+    pub max_depth: u32,
+    /// Granted scopes.
+    pub scopes: Vec<String>,
+    /// SHA-256 of the session token (hex).
+    #[serde(skip)]
+    pub token_hash: String,
+    /// State.
+    pub state: LeaseState,
+    /// Granted TTL of the latest grant or renewal, seconds.
+    pub ttl: u32,
+    /// Created (unix ms).
+    pub created_at: i64,
+    /// Hard expiry (unix ms).
+    pub expires_at: i64,
+    /// Renewals never go past this (unix ms).
+    pub max_expires_at: i64,
+    /// When it stopped being active.
+    pub ended_at: Option<i64>,
+    /// Why (`released`, `expired`, a revoke reason, `parent_revoked`, …).
+    pub end_reason: Option<String>,
+    /// Stated purpose.
+    pub purpose: Option<String>,
+    /// Consumer.
+    pub consumer: Option<String>,
+}
+
+impl LeaseRecord {
+    /// Whether usable at `now` (active and not past expiry plus `grace_ms`).
+    pub fn is_live(&self, now: i64, grace_ms: i64) -> bool {
+        self.state == LeaseState::Active && now < self.expires_at + grace_ms
+    }
+
+    /// The wire form.
+    pub fn to_wire(&self) -> Lease {
+        Lease {
+            id: self.id.clone(),
+            expires_at: rfc3339(self.expires_at),
+            ttl: self.ttl,
+            renewable: self.state == LeaseState::Active && self.expires_at < self.max_expires_at,
+            delegation_depth: Some(self.depth),
+        }
+    }
+}
+
+/// The caps that bound a grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Provider-wide TTL cap, seconds.
+    pub provider_max_ttl: u32,
+    /// The credential's own cap.
+    pub credential_max_ttl: Option<u32>,
+    /// Longest total lifetime across renewals, seconds.
+    pub max_lease_lifetime: u32,
+}
+
+impl Caps {
+    /// The largest single grant.
+    pub fn ttl_cap(&self) -> u32 {
+        self.credential_max_ttl.unwrap_or(u32::MAX).min(self.provider_max_ttl).max(1)
+    }
+    /// `min(requested (default 3600), credential max, provider max)`, at least 1.
+    pub fn grant_ttl(&self, requested: Option<u32>) -> u32 {
+        requested.unwrap_or(DEFAULT_TTL).min(self.ttl_cap()).max(1)
+    }
+}
+
+/// Why a lease operation was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseError {
+    /// No such lease.
+    #[error("lease not found")]
+    NotFound,
+    /// Past expiry.
+    #[error("lease expired")]
+    Expired,
+    /// Released or revoked.
+    #[error("lease is {0}")]
+    Ended(&'static str),
+    /// Cannot be extended.
+    #[error("lease not renewable: {0}")]
+    NotRenewable(String),
+    /// Delegation deeper than allowed.
+    #[error("delegation depth exceeded (at most {0})")]
+    DepthExceeded(u32),
+    /// A child asked for scopes its parent does not hold.
+    #[error("scopes outside the parent lease")]
+    ScopeOutOfParent(Vec<String>),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<sqlx::Error> for LeaseError {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// What a new lease is for.
+#[derive(Debug, Clone)]
+pub struct NewLease {
+    /// Pre-generated id (so the audit entry can name it before the write).
+    pub id: String,
+    /// SHA-256 of the session token.
+    pub token_hash: String,
+    /// Credential key.
+    pub credential_key: String,
+    /// Service.
+    pub service: String,
+    /// Holder.
+    pub agent: String,
+    /// Granted scopes (already checked against the credential's).
+    pub scopes: Vec<String>,
+    /// Granted TTL (already capped).
+    pub ttl: u32,
+    /// Caps (for the maximum lifetime).
+    pub caps: Caps,
+    /// Purpose.
+    pub purpose: Option<String>,
+    /// Consumer.
+    pub consumer: Option<String>,
+}
+
+/// A planned child of `parent`: the pure part of delegation, also used before any write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChildPlan {
+    /// Depth of the child.
+    pub depth: u32,
+    /// Chain limit inherited by the child.
+    pub max_depth: u32,
+    /// Scopes of the child.
+    pub scopes: Vec<String>,
+    /// TTL of the child, seconds.
+    pub ttl: u32,
+    /// Expiry (≤ parent's).
+    pub expires_at: i64,
+    /// Maximum (≤ parent's).
+    pub max_expires_at: i64,
+}
+
+/// Plan a child of `parent` at `now`: depth, scopes and lifetime checks.
+pub fn plan_child(
+    parent: &LeaseRecord,
+    requested_scopes: &[String],
+    requested_ttl: Option<u32>,
+    requested_max_depth: Option<u32>,
+    caps: &Caps,
+    provider_cap: u32,
+    now: i64,
+) -> Result<ChildPlan, LeaseError> {
+    match parent.state {
+        LeaseState::Active => {}
+        LeaseState::Expired => return Err(LeaseError::Expired),
+        LeaseState::Released => return Err(LeaseError::Ended("released")),
+        LeaseState::Revoked => return Err(LeaseError::Ended("revoked")),
+    }
+    if now >= parent.expires_at {
+        return Err(LeaseError::Expired);
+    }
+    let limit = parent.max_depth.min(requested_max_depth.unwrap_or(provider_cap)).min(provider_cap);
+    let depth = parent.depth + 1;
+    if depth > limit {
+        return Err(LeaseError::DepthExceeded(limit));
+    }
+    let scopes = if requested_scopes.is_empty() {
+        parent.scopes.clone()
+    } else {
+        let outside: Vec<String> =
+            requested_scopes.iter().filter(|s| !parent.scopes.contains(s)).cloned().collect();
+        if !outside.is_empty() {
+            return Err(LeaseError::ScopeOutOfParent(outside));
+        }
+        dedup(requested_scopes)
+    };
+    let remaining_s = u32::try_from((parent.expires_at - now) / 1000).unwrap_or(u32::MAX);
+    if remaining_s == 0 {
+        return Err(LeaseError::Expired);
+    }
+    let ttl = caps.grant_ttl(requested_ttl).min(remaining_s);
+    let expires_at = (now + i64::from(ttl) * 1000).min(parent.expires_at);
+    let max_expires_at = (now + i64::from(caps.max_lease_lifetime) * 1000).min(parent.max_expires_at).max(expires_at);
+    Ok(ChildPlan { depth, max_depth: limit, scopes, ttl, expires_at, max_expires_at })
+}
+
+/// Remove duplicates, keeping order.
+pub fn dedup(v: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(v.len());
+    for s in v {
+        if !out.contains(s) {
+            out.push(s.clone());
+        }
+    }
+    out
+}
+
+const SELECT_BY_ID: &str = "SELECT id, credential_key, service, agent, parent_id, depth, max_depth, scopes, token_hash, state, ttl, created_at, expires_at, max_expires_at, ended_at, end_reason, purpose, consumer FROM leases WHERE id = $1";
+
+/// Decode a full lease row (any engine); expanded per engine arm.
+macro_rules! lease_from_row {
+    ($r:expr) => {{
+        use sqlx::Row as _;
+        let r = &$r;
+        let bad = |w: &str| StoreError::Corrupt(format!("lease: bad {w}"));
+        let depth: i64 = r.try_get(5)?;
+        let max_depth: i64 = r.try_get(6)?;
+        let scopes: String = r.try_get(7)?;
+        let state: String = r.try_get(9)?;
+        let ttl: i64 = r.try_get(10)?;
+        LeaseRecord {
+            id: r.try_get(0)?,
+            credential_key: r.try_get(1)?,
+            service: r.try_get(2)?,
+            agent: r.try_get(3)?,
+            parent_id: r.try_get(4)?,
+            depth: u32::try_from(depth).map_err(|_| bad("depth"))?,
+            max_depth: u32::try_from(max_depth).map_err(|_| bad("max_depth"))?,
+            scopes: serde_json::from_str(&scopes).map_err(|_| bad("scopes"))?,
+            token_hash: r.try_get(8)?,
+            state: LeaseState::parse(&state).ok_or_else(|| bad("state"))?,
+            ttl: u32::try_from(ttl).map_err(|_| bad("ttl"))?,
+            created_at: r.try_get(11)?,
+            expires_at: r.try_get(12)?,
+            max_expires_at: r.try_get(13)?,
+            ended_at: r.try_get(14)?,
+            end_reason: r.try_get(15)?,
+            purpose: r.try_get(16)?,
+            consumer: r.try_get(17)?,
+        }
+    }};
+}
+
+/// Read one lease through an executor (`&mut *tx` or a pool).
+macro_rules! get_lease {
+    ($ex:expr, $id:expr) => {{
+        let row = sqlx::query(SELECT_BY_ID).bind($id).fetch_optional($ex).await?;
+        match row {
+            Some(r) => Some(lease_from_row!(r)),
+            None => None,
+        }
+    }};
+}
+
+macro_rules! insert_lease {
+    ($ex:expr, $rec:expr) => {
+        sqlx::query(
+            "INSERT INTO leases (id, credential_key, service, agent, parent_id, depth, max_depth, scopes, token_hash, state, ttl, created_at, expires_at, max_expires_at, ended_at, end_reason, purpose, consumer)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, NULL, NULL, $15, $16)",
+        )
+        .bind(&$rec.id)
+        .bind(&$rec.credential_key)
+        .bind(&$rec.service)
+        .bind(&$rec.agent)
+        .bind(&$rec.parent_id)
+        .bind(i64::from($rec.depth))
+        .bind(i64::from($rec.max_depth))
+        .bind(serde_json::to_string(&$rec.scopes).unwrap_or_else(|_| "[]".into()))
+        .bind(&$rec.token_hash)
+        .bind($rec.state.as_str())
+        .bind(i64::from($rec.ttl))
+        .bind($rec.created_at)
+        .bind($rec.expires_at)
+        .bind($rec.max_expires_at)
+        .bind(&$rec.purpose)
+        .bind(&$rec.consumer)
+        .execute($ex)
+        .await?
+    };
+}
+
+/// Insert a root lease at `now`; `max_depth` is the provider's delegation cap for its chain.
+pub async fn insert_root(store: &Store, l: &NewLease, max_depth: u32, now: i64) -> Result<LeaseRecord, LeaseError> {
+    let expires_at = now + i64::from(l.ttl) * 1000;
+    let max_expires_at = (now + i64::from(l.caps.max_lease_lifetime) * 1000).max(expires_at);
+    let rec = LeaseRecord {
+        id: l.id.clone(),
+        credential_key: l.credential_key.clone(),
+        service: l.service.clone(),
+        agent: l.agent.clone(),
+        parent_id: None,
+        depth: 0,
+        max_depth,
+        scopes: dedup(&l.scopes),
+        token_hash: l.token_hash.clone(),
+        state: LeaseState::Active,
+        ttl: l.ttl,
+        created_at: now,
+        expires_at,
+        max_expires_at,
+        ended_at: None,
+        end_reason: None,
+        purpose: l.purpose.clone(),
+        consumer: l.consumer.clone(),
+    };
+    with_write_tx!(store, |tx| {
+        insert_lease!(&mut *tx, rec);
+    });
+    Ok(rec)
+}
+
+/// Insert a delegated child of `parent_id` at `now`, re-checking the parent inside the write
+/// transaction (so a concurrent revoke cannot be raced).
+pub async fn insert_child(
+    store: &Store,
+    parent_id: &str,
+    l: &NewLease,
+    requested_ttl: Option<u32>,
+    requested_max_depth: Option<u32>,
+    provider_cap: u32,
+    now: i64,
+) -> Result<LeaseRecord, LeaseError> {
+    let rec = with_write_tx!(store, |tx| {
+        let parent: LeaseRecord = get_lease!(&mut *tx, parent_id).ok_or(LeaseError::NotFound)?;
+        let plan = plan_child(&parent, &l.scopes, requested_ttl, requested_max_depth, &l.caps, provider_cap, now)?;
+        let rec = LeaseRecord {
+            id: l.id.clone(),
+            credential_key: parent.credential_key.clone(),
+            service: parent.service.clone(),
+            agent: l.agent.clone(),
+            parent_id: Some(parent.id.clone()),
+            depth: plan.depth,
+            max_depth: plan.max_depth,
+            scopes: plan.scopes,
+            token_hash: l.token_hash.clone(),
+            state: LeaseState::Active,
+            ttl: plan.ttl,
+            created_at: now,
+            expires_at: plan.expires_at,
+            max_expires_at: plan.max_expires_at,
+            ended_at: None,
+            end_reason: None,
+            purpose: l.purpose.clone(),
+            consumer: l.consumer.clone(),
+        };
+        insert_lease!(&mut *tx, rec);
+        rec
+    });
+    Ok(rec)
+}
+
+/// Read one lease.
+pub async fn get(store: &Store, id: &str) -> Result<Option<LeaseRecord>, LeaseError> {
+    let l: Option<LeaseRecord> = with_pool!(store, |p| get_lease!(p, id));
+    Ok(l)
+}
+
+/// Renew `id` at `now`: the new expiry is `now + increment` (already capped by the caller's
+/// caps), never past the lease's maximum nor its parent's expiry, and never earlier than the
+/// current expiry. A lease already at its maximum is not renewable.
+pub async fn renew(store: &Store, id: &str, increment: u32, now: i64) -> Result<LeaseRecord, LeaseError> {
+    let rec = with_write_tx!(store, |tx| {
+        let mut l: LeaseRecord = get_lease!(&mut *tx, id).ok_or(LeaseError::NotFound)?;
+        check_usable(&l, now)?;
+        let mut cap = l.max_expires_at;
+        if let Some(pid) = &l.parent_id {
+            let parent: LeaseRecord = get_lease!(&mut *tx, pid).ok_or(LeaseError::NotFound)?;
+            if !parent.is_live(now, 0) {
+                return Err(LeaseError::NotRenewable("its parent lease has ended".into()));
+            }
+            cap = cap.min(parent.expires_at);
+        }
+        if l.expires_at >= cap {
+            return Err(LeaseError::NotRenewable("the lease has reached its maximum lifetime".into()));
+        }
+        // Vault semantics: the new TTL counts from now; a renewal never shortens a lease.
+        let new_exp = (now + i64::from(increment) * 1000).min(cap).max(l.expires_at);
+        l.expires_at = new_exp;
+        l.ttl = u32::try_from((new_exp - now + 999) / 1000).unwrap_or(u32::MAX);
+        sqlx::query("UPDATE leases SET expires_at = $1, ttl = $2 WHERE id = $3 AND state = 'active'")
+            .bind(l.expires_at)
+            .bind(i64::from(l.ttl))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        l
+    });
+    Ok(rec)
+}
+
+/// Whether `l` may be used, renewed or released at `now`.
+pub fn check_usable(l: &LeaseRecord, now: i64) -> Result<(), LeaseError> {
+    match l.state {
+        LeaseState::Active if now < l.expires_at => Ok(()),
+        LeaseState::Active | LeaseState::Expired => Err(LeaseError::Expired),
+        LeaseState::Released => Err(LeaseError::Ended("released")),
+        LeaseState::Revoked => Err(LeaseError::Ended("revoked")),
+    }
+}
+
+const SUBTREE_END: &str = "WITH RECURSIVE sub(id) AS (
+        SELECT id FROM leases WHERE id = $1
+        UNION ALL
+        SELECT l.id FROM leases l JOIN sub s ON l.parent_id = s.id
+    )
+    UPDATE leases SET state = $2, ended_at = $3, end_reason = CASE WHEN id = $1 THEN $4 ELSE $5 END
+    WHERE id IN (SELECT id FROM sub) AND state = 'active'
+    RETURNING id";
+
+/// Release `id` (the holder gives it up); its delegated descendants are revoked with it.
+/// Returns the descendants affected.
+pub async fn release(store: &Store, id: &str, now: i64) -> Result<Vec<String>, LeaseError> {
+    let affected = with_write_tx!(store, |tx| {
+        let l: LeaseRecord = get_lease!(&mut *tx, id).ok_or(LeaseError::NotFound)?;
+        check_usable(&l, now)?;
+        let mut ids: Vec<String> = sqlx::query_scalar(SUBTREE_END)
+            .bind(id)
+            .bind("revoked")
+            .bind(now)
+            .bind("released")
+            .bind("parent_released")
+            .fetch_all(&mut *tx)
+            .await?;
+        sqlx::query("UPDATE leases SET state = 'released' WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        ids.retain(|x| x != id);
+        ids.sort();
+        ids
+    });
+    Ok(affected)
+}
+
+/// Revoke `id` and its whole subtree. Returns the descendants that were active and are now
+/// revoked (the named lease itself is revoked as well, whatever its state was).
+pub async fn revoke_subtree(store: &Store, id: &str, reason: &str, now: i64) -> Result<Vec<String>, LeaseError> {
+    let affected = with_write_tx!(store, |tx| {
+        let exists: Option<String> =
+            sqlx::query_scalar("SELECT id FROM leases WHERE id = $1").bind(id).fetch_optional(&mut *tx).await?;
+        if exists.is_none() {
+            return Err(LeaseError::NotFound);
+        }
+        let mut ids: Vec<String> = sqlx::query_scalar(SUBTREE_END)
+            .bind(id)
+            .bind("revoked")
+            .bind(now)
+            .bind(reason)
+            .bind("parent_revoked")
+            .fetch_all(&mut *tx)
+            .await?;
+        // A lease that had already been released or expired is still marked revoked.
+        sqlx::query(
+            "UPDATE leases SET state = 'revoked', ended_at = COALESCE(ended_at, $2), end_reason = COALESCE(end_reason, $3) WHERE id = $1",
+        )
+        .bind(id)
+        .bind(now)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        ids.retain(|x| x != id);
+        ids.sort();
+        ids
+    });
+    Ok(affected)
+}
+
+/// Revoke every active lease whose id starts with `prefix`, with their subtrees. Returns all
+/// leases that were revoked.
+pub async fn revoke_prefix(store: &Store, prefix: &str, reason: &str, now: i64) -> Result<Vec<String>, LeaseError> {
+    const Q: &str = "WITH RECURSIVE sub(id) AS (
+            SELECT id FROM leases WHERE substr(id, 1, $1) = $2
+            UNION ALL
+            SELECT l.id FROM leases l JOIN sub s ON l.parent_id = s.id
+        )
+        UPDATE leases SET state = 'revoked', ended_at = $3, end_reason = $4
+        WHERE id IN (SELECT id FROM sub) AND state = 'active'
+        RETURNING id";
+    let len = i64::try_from(prefix.chars().count()).unwrap_or(i64::MAX);
+    let mut ids: Vec<String> = with_write_tx!(store, |tx| {
+        sqlx::query_scalar(Q).bind(len).bind(prefix).bind(now).bind(reason).fetch_all(&mut *tx).await?
+    });
+    ids.sort();
+    Ok(ids)
+}
+
+/// Revoke every active lease on credential `key` (used when it is deleted).
+pub async fn revoke_for_credential(store: &Store, key: &str, reason: &str, now: i64) -> Result<Vec<String>, LeaseError> {
+    const Q: &str = "UPDATE leases SET state = 'revoked', ended_at = $2, end_reason = $3 WHERE credential_key = $1 AND state = 'active' RETURNING id";
+    let mut ids: Vec<String> =
+        with_write_tx!(store, |tx| { sqlx::query_scalar(Q).bind(key).bind(now).bind(reason).fetch_all(&mut *tx).await? });
+    ids.sort();
+    Ok(ids)
+}
+
+/// A lease the reaper marked expired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reaped {
+    /// Lease id.
+    pub id: String,
+    /// Holder.
+    pub agent: String,
+    /// Credential key.
+    pub key: String,
+    /// Service.
+    pub service: String,
+}
+
+/// Mark every active lease with `expires_at + grace <= now` as expired.
+pub async fn reap(store: &Store, now: i64, grace_ms: i64) -> Result<Vec<Reaped>, LeaseError> {
+    const Q: &str = "UPDATE leases SET state = 'expired', ended_at = $1, end_reason = 'expired'
+        WHERE state = 'active' AND expires_at <= $2 RETURNING id, agent, credential_key, service";
+    let rows: Vec<(String, String, String, String)> =
+        with_write_tx!(store, |tx| { sqlx::query_as(Q).bind(now).bind(now - grace_ms).fetch_all(&mut *tx).await? });
+    let mut out: Vec<Reaped> =
+        rows.into_iter().map(|(id, agent, key, service)| Reaped { id, agent, key, service }).collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    Ok(out)
+}
+
+/// Put reaped leases back to active (the reaper could not audit them; it retries later).
+pub async fn unreap(store: &Store, ids: &[String]) -> Result<(), LeaseError> {
+    with_write_tx!(store, |tx| {
+        for id in ids {
+            sqlx::query("UPDATE leases SET state = 'active', ended_at = NULL, end_reason = NULL WHERE id = $1 AND state = 'expired'")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+    });
+    Ok(())
+}
+
+/// Delete a lease row that was never handed out (its grant could not be audited).
+pub async fn discard(store: &Store, id: &str) -> Result<(), LeaseError> {
+    with_write_tx!(store, |tx| {
+        sqlx::query("DELETE FROM leases WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM leases c WHERE c.parent_id = $1)")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    });
+    Ok(())
+}
+
+/// Leases, newest first; `state` filters when given, `agent` too.
+pub async fn list(
+    store: &Store,
+    state: Option<LeaseState>,
+    agent: Option<&str>,
+    limit: u32,
+) -> Result<Vec<LeaseRecord>, LeaseError> {
+    let ids: Vec<String> = with_pool!(store, |p| {
+        sqlx::query_scalar(
+            "SELECT id FROM leases WHERE ($1 = '' OR state = $1) AND ($2 = '' OR agent = $2) ORDER BY created_at DESC, id LIMIT $3",
+        )
+        .bind(state.map(|s| s.as_str()).unwrap_or(""))
+        .bind(agent.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(p)
+        .await?
+    });
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(l) = get(store, &id).await? {
+            out.push(l);
+        }
+    }
+    Ok(out)
+}
