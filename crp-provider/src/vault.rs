@@ -1697,6 +1697,19 @@ impl Vault {
                 }
             }
         }
+        // Agents with `audit: true` may read the audit trail (of any key, and the whole log);
+        // the loopback `dev` caller mirrors agents[0].
+        let mut auditors: Vec<String> = fixtures.agents.iter().filter(|a| a.audit).map(|a| a.id.clone()).collect();
+        if fixtures.agents.first().is_some_and(|a| a.audit) && !auditors.iter().any(|a| a == "dev") {
+            auditors.push("dev".into());
+        }
+        for a in auditors {
+            n += 1;
+            let a = cedar_str(&a);
+            policy.push_str(&format!(
+                "@id(\"fixture-{n}-audit\")\n@reason(\"fixture: {a} may read the audit trail\")\npermit (principal == Agent::\"{a}\", action == Action::\"audit\", resource);\n"
+            ));
+        }
         self.install_policy("50-fixtures.cedar", &policy)?;
         self.set_max_delegation_depth(fixtures.delegation.max_depth).await?;
         Ok(())

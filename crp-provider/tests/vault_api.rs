@@ -160,3 +160,38 @@ async fn dispatcher_resolve_only_under_v0_1_and_capability() {
     assert!(!out.contains(CANARY));
     let _ = SecretValue::new("x");
 }
+
+#[tokio::test]
+async fn conformance_fixtures_map_to_outcomes() {
+    use crp_core::fixtures::{FixtureRole, Fixtures};
+    let (v, _dir) = Vault::open_ephemeral().await.unwrap();
+    let f = Fixtures::conformance("127.0.0.1:7799");
+    v.load_fixtures(&f).await.unwrap();
+    // Loading twice is idempotent.
+    v.load_fixtures(&f).await.unwrap();
+    for agent in [crp_core::fixtures::CONFORMANCE_AGENT, "dev"] {
+        let ctx = CallContext::new(agent, Transport::Http);
+        let svc = |r: FixtureRole| f.by_role(r).unwrap().service.clone();
+        let u = v.use_credential(&ctx, serde_json::from_value(json!({"service": svc(FixtureRole::Primary)})).unwrap()).await.unwrap();
+        let code = |r| {
+            let v = v.clone();
+            let ctx = ctx.clone();
+            async move { v.use_credential(&ctx, serde_json::from_value(json!({"service": svc(r)})).unwrap()).await.unwrap_err().code }
+        };
+        assert_eq!(code(FixtureRole::RequireApproval).await, -33020);
+        assert_eq!(code(FixtureRole::Quarantine).await, -33021);
+        assert_eq!(code(FixtureRole::Denied).await, -33003);
+        // Delegation: depth 1 and 2 allowed, 3 refused with -33013.
+        let mut parent = u.lease.id.clone();
+        for depth in 1..=3u32 {
+            let p = serde_json::from_value(json!({"service": svc(FixtureRole::Primary), "delegation": {"parentLeaseId": parent}})).unwrap();
+            match v.use_credential(&ctx, p).await {
+                Ok(c) if depth <= 2 => parent = c.lease.id,
+                Err(e) if depth == 3 => assert_eq!(e.code, -33013),
+                other => panic!("depth {depth}: {other:?}"),
+            }
+        }
+        let a = v.extension(&ctx, ext::AUDIT_QUERY, json!({"limit": 5})).await.unwrap();
+        assert!(!a["events"].as_array().unwrap().is_empty());
+    }
+}
