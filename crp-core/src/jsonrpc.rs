@@ -4,7 +4,7 @@
 //! that `7`, `-1` and `18446744073709551615` come back unchanged).
 
 use schemars::JsonSchema;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use crate::error::CrpError;
@@ -46,6 +46,7 @@ impl From<&str> for Id {
 pub struct Request {
     /// Always `"2.0"`.
     #[schemars(extend("const" = "2.0"))]
+    #[serde(deserialize_with = "two_point_oh")]
     pub jsonrpc: String,
     /// Absent for a notification.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -81,7 +82,19 @@ pub enum Outcome {
 }
 
 /// A response. `id` is `null` only when the request's id could not be read.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+///
+/// Reading one is strict: `jsonrpc` must be `"2.0"`, `id` must be present, and exactly one
+/// of `result` and `error` (a `null` result is a result).
+///
+/// ```
+/// use crp_core::jsonrpc::Response;
+/// let r: Response = serde_json::from_str(r#"{"jsonrpc":"2.0","id":"a","result":null}"#).unwrap();
+/// assert_eq!(r.into_result().unwrap(), serde_json::Value::Null);
+/// assert!(serde_json::from_str::<Response>(r#"{"jsonrpc":"2.0","id":1}"#).is_err());
+/// assert!(serde_json::from_str::<Response>(
+///     r#"{"jsonrpc":"2.0","id":1,"result":1,"error":{"code":-32603,"message":"x"}}"#).is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Serialize, JsonSchema)]
 pub struct Response {
     /// Always `"2.0"`.
     #[schemars(extend("const" = "2.0"))]
@@ -91,6 +104,44 @@ pub struct Response {
     /// Result or error.
     #[serde(flatten)]
     pub outcome: Outcome,
+}
+
+fn two_point_oh<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = String::deserialize(d)?;
+    if v == JSONRPC_VERSION {
+        Ok(v)
+    } else {
+        Err(serde::de::Error::custom("jsonrpc must be \"2.0\""))
+    }
+}
+
+/// Wraps whatever is there, `null` included, so that presence can be told from absence.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+impl<'de> Deserialize<'de> for Response {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(deserialize_with = "two_point_oh")]
+            jsonrpc: String,
+            #[serde(default, deserialize_with = "present")]
+            id: Option<Option<Id>>,
+            #[serde(default, deserialize_with = "present")]
+            result: Option<Value>,
+            #[serde(default)]
+            error: Option<CrpError>,
+        }
+        let raw = Raw::deserialize(d)?;
+        let id = raw.id.ok_or_else(|| serde::de::Error::missing_field("id"))?;
+        let outcome = match (raw.result, raw.error) {
+            (Some(v), None) => Outcome::Result(v),
+            (None, Some(e)) => Outcome::Error(e),
+            _ => return Err(serde::de::Error::custom("a response has exactly one of result and error")),
+        };
+        Ok(Response { jsonrpc: raw.jsonrpc, id, outcome })
+    }
 }
 
 impl Response {

@@ -43,28 +43,36 @@ impl fmt::Display for Version {
     }
 }
 
-/// `(major, minor)` of a `MAJOR.MINOR` string (surrounding whitespace ignored). Numbers too
-/// large for `u64` saturate, which keeps the comparison right: such a major is never 0 and
-/// such a minor is above every minor we speak.
+/// `(major, minor)` of a `MAJOR.MINOR` string, also accepting a `MAJOR.MINOR.PATCH` such as
+/// the spec's own `0.2.0` (the patch is ignored); surrounding whitespace is ignored. Numbers
+/// too large for `u64` saturate, which keeps the comparison right: such a major is never 0
+/// and such a minor is above every minor we speak.
 fn parse(v: &str) -> Option<(u64, u64)> {
-    let (major, minor) = v.trim().split_once('.')?;
     let number = |s: &str| {
         (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit())).then(|| s.parse().unwrap_or(u64::MAX))
     };
-    Some((number(major)?, number(minor)?))
+    let mut parts = v.trim().split('.');
+    let major = number(parts.next()?)?;
+    let minor = number(parts.next()?)?;
+    match (parts.next(), parts.next()) {
+        (None, _) => Some((major, minor)),
+        (Some(patch), None) => number(patch).map(|_| (major, minor)),
+        (Some(_), Some(_)) => None,
+    }
 }
 
 /// Pick the version to speak with a caller who asked for `requested` (`None`: the newest).
 ///
 /// Rules (v0.1 §5.2, v0.2 §4): the majors must match; when the minors differ the lower one
 /// wins, so a caller asking for `0.9` speaks `0.2` and one asking for `0.1` speaks `0.1`.
-/// Anything else, including a string that is not `MAJOR.MINOR`, is -33001 with
-/// `data.supported`. This function never panics.
+/// A patch component (`0.2.0`) is ignored. Anything else, including a string that is not
+/// `MAJOR.MINOR`, is -33001 with `data.supported`. This function never panics.
 ///
 /// ```
 /// use crp_core::version::{negotiate, Version};
 /// assert_eq!(negotiate(None).unwrap(), Version::V0_2);
 /// assert_eq!(negotiate(Some("0.1")).unwrap(), Version::V0_1);
+/// assert_eq!(negotiate(Some("0.2.0")).unwrap(), Version::V0_2);
 /// let e = negotiate(Some("2.0")).unwrap_err();
 /// assert_eq!(e.data.unwrap().supported.unwrap(), vec!["0.2", "0.1"]);
 /// ```
