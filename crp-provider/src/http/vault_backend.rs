@@ -1,0 +1,69 @@
+//! [`Backend`] for the real [`Vault`]: a thin mapping of the vault's API and errors.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use crp_core::{Provider, SecretValue};
+
+use super::backend::{AgentRecord, Backend, Gauges, ProxyAuditRecord, ProxyDenied, ProxyGrant, RegisterError};
+use crate::vault::Vault;
+
+#[async_trait]
+impl Backend for Vault {
+    fn provider(&self) -> Arc<dyn Provider> {
+        Arc::new(self.clone())
+    }
+
+    fn set_proxy_base_url(&self, base: &str) {
+        Vault::set_proxy_base_url(self, base)
+    }
+
+    async fn proxy_grant(&self, lease_id: &str, session_token: &str) -> Result<ProxyGrant, ProxyDenied> {
+        Vault::proxy_grant(self, lease_id, session_token).await
+    }
+
+    async fn broker_refresh(&self, lease_id: &str) -> Result<SecretValue, ProxyDenied> {
+        Vault::broker_refresh(self, lease_id).await
+    }
+
+    async fn audit_proxy(&self, rec: ProxyAuditRecord) -> Result<(), String> {
+        Vault::audit_proxy(self, rec).await.map_err(|e| e.to_string())
+    }
+
+    async fn agent(&self, agent_id: &str) -> Result<Option<AgentRecord>, String> {
+        Vault::agent(self, agent_id).await.map_err(|e| e.to_string())
+    }
+
+    async fn register_agent(
+        &self,
+        token: &str,
+        public_key_b64: &str,
+        name: Option<&str>,
+    ) -> Result<AgentRecord, RegisterError> {
+        Vault::register_agent(self, token, public_key_b64, name).await.map_err(|e| {
+            let m = e.to_string();
+            if m.contains("bootstrap token") {
+                RegisterError::BadToken(m)
+            } else if m.contains("publicKey") || m.contains("agent name") {
+                RegisterError::Invalid(m)
+            } else {
+                RegisterError::Internal("registration failed".into())
+            }
+        })
+    }
+
+    async fn gauges(&self) -> Gauges {
+        // Counted from the database (capped: a gauge, not an inventory).
+        let leases_active = Vault::leases(self, Some(crate::leases::LeaseState::Active), None, 100_000)
+            .await
+            .ok()
+            .map(|l| l.len() as u64);
+        // The vault does not expose its writer's queue; `/metrics` then reports the proxy's
+        // own count of records waiting to be durable.
+        Gauges { leases_active, audit_queue_depth: None }
+    }
+
+    async fn shutdown(&self) {
+        Vault::shutdown(self).await
+    }
+}
