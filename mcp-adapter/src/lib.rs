@@ -13,11 +13,13 @@
 //! - [`server`]: the rmcp `ServerHandler` (initialize / discover / tools / custom requests);
 //! - [`tools`]: tool definitions, argument and result types, error guidance;
 //! - [`remote`]: signed HTTP client, discovery, bootstrap registration;
+//! - [`embedded`]: opening the local vault and serving (or finding) the proxy;
 //! - [`identity`]: local agent identities (`install`, `whoami`, `revoke`);
 //! - [`client_config`]: `config <client>` blocks.
 
 pub mod backend;
 pub mod client_config;
+pub mod embedded;
 pub mod identity;
 pub mod remote;
 pub mod server;

@@ -330,9 +330,29 @@ pub fn clean_schema(v: &mut Value) {
             for (_, child) in map.iter_mut() {
                 clean_schema(child);
             }
+            hoist_type(map);
         }
         Value::Array(items) => items.iter_mut().for_each(clean_schema),
         _ => {}
+    }
+}
+
+/// `oneOf`/`anyOf` whose branches all share one `type` gets that `type` itself, so clients
+/// that look only at `type` (the inspector's argument coercion, form UIs) see e.g. `object`.
+fn hoist_type(map: &mut JsonObject) {
+    if map.contains_key("type") {
+        return;
+    }
+    for key in ["oneOf", "anyOf"] {
+        let Some(Value::Array(branches)) = map.get(key) else { continue };
+        let types: Vec<Option<&str>> = branches.iter().map(|b| b.get("type").and_then(|t| t.as_str())).collect();
+        if let Some(Some(first)) = types.first() {
+            if types.iter().all(|t| t == &Some(*first)) {
+                let t = (*first).to_owned();
+                map.insert("type".into(), Value::String(t));
+                return;
+            }
+        }
     }
 }
 
@@ -894,6 +914,12 @@ mod tests {
         assert_eq!(v["properties"]["b"], serde_json::json!({"type": "string"}));
         assert_eq!(v["properties"]["c"], serde_json::json!({"type": "string", "enum": ["x"], "description": "d"}));
         assert_eq!(v["properties"]["d"], serde_json::json!({"type": "integer", "minimum": 0}));
+        let mut v = serde_json::json!({"oneOf": [{"type": "object"}, {"type": "object", "properties": {}}]});
+        clean_schema(&mut v);
+        assert_eq!(v["type"], "object");
+        let mut v = serde_json::json!({"anyOf": [{"type": "object"}, {"type": "string"}]});
+        clean_schema(&mut v);
+        assert!(v.get("type").is_none());
     }
 
     #[test]

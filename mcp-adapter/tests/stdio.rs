@@ -1,0 +1,191 @@
+//! crp-mcp over raw stdio JSON lines in embedded mode: cold start, both MCP lifecycles
+//! (initialize and server/discover), CRP version negotiation, `crp/*` on the connection, the
+//! first-run experience under the starter policy, read-blindness, and that stdout carries
+//! only protocol.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{Mcp, init_vault, is_error, text};
+use serde_json::{Value, json};
+
+const LISTEN_ANY: [&str; 3] = ["serve", "--listen", "127.0.0.1:0"];
+
+#[test]
+fn cold_start_to_tools_list_and_capabilities() {
+    let home = tempfile::tempdir().unwrap();
+    init_vault(home.path());
+    let started = Instant::now();
+    let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);
+    let init = mcp.initialize(json!({}));
+    let tools = mcp.request("tools/list", json!({}));
+    let cold = started.elapsed();
+    eprintln!("crp-mcp cold start to answered tools/list: {} ms", cold.as_millis());
+    assert!(cold < Duration::from_secs(10), "cold start took {cold:?}");
+
+    let caps = &init["result"]["capabilities"];
+    let crp = &caps["experimental"]["crp"];
+    assert_eq!(crp["version"], "0.2", "{init}");
+    assert!(crp["features"].as_array().unwrap().contains(&json!("use")), "{crp}");
+    assert!(crp["provider"].is_string(), "{crp}");
+    assert!(crp["conformance"].is_string(), "{crp}");
+    assert!(!crp["features"].as_array().unwrap().contains(&json!("resolve")), "resolve is never advertised under 0.2");
+    assert_eq!(caps["extensions"]["io.github.crp-reference/crp"], *crp);
+    assert!(caps["tools"].is_object());
+    assert_eq!(init["result"]["serverInfo"]["name"], "crp-mcp");
+
+    let list = tools["result"]["tools"].as_array().unwrap();
+    assert_eq!(list.len(), 10);
+    for t in list {
+        let s = t.to_string();
+        assert!(!s.contains("uint"), "{s}");
+        assert!(t["annotations"].is_object(), "{s}");
+        assert_eq!(t["inputSchema"]["type"], "object");
+        assert_eq!(t["outputSchema"]["type"], "object");
+    }
+    let (st, stderr, _) = mcp.finish();
+    assert!(st.success(), "exit {st:?}: {stderr}");
+    assert!(stderr.contains("crp-mcp ready on stdio"), "logs go to stderr: {stderr}");
+}
+
+#[test]
+fn crp_version_negotiation_and_custom_requests() {
+    let home = tempfile::tempdir().unwrap();
+    init_vault(home.path());
+
+    // A client asking for CRP 0.1 gets 0.1 advertised; crp/resolve is answered (policy-gated).
+    let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);
+    let init = mcp.initialize(json!({"experimental": {"crp": {"version": "0.1"}}}));
+    assert_eq!(init["result"]["capabilities"]["experimental"]["crp"]["version"], "0.1", "{init}");
+    let r = mcp.call_tool("vault_store", json!({"key": "gh/main", "value": "sk-neg-SECRET-1", "service": "github.com"}));
+    assert!(!is_error(&r), "{r}");
+    let resolve = mcp.request("crp/resolve", json!({"service": "github.com"}));
+    let code = resolve["error"]["code"].as_i64().unwrap_or(0);
+    assert!(code == -33003 || code == -33011, "starter policy refuses the export: {resolve}");
+    assert!(!resolve.to_string().contains("sk-neg-SECRET-1"));
+    let list = mcp.request("crp/list", json!({}));
+    assert_eq!(list["result"]["services"][0]["service"], "github.com", "{list}");
+    let unknown = mcp.request("crp/nope", json!({}));
+    assert_eq!(unknown["error"]["code"], -32601, "{unknown}");
+    let bad = mcp.request("crp/use", json!({"service": "github.com", "ttl": "sk-neg-SECRET-1"}));
+    assert_eq!(bad["error"]["code"], -32602, "{bad}");
+    assert!(!bad.to_string().contains("sk-neg-SECRET-1"), "params errors never echo values: {bad}");
+    let (st, _, stdout) = mcp.finish();
+    assert!(st.success());
+    assert!(!stdout.contains("sk-neg-SECRET-1"));
+
+    // A client asking for an unsupported major gets -33001 with the supported list.
+    let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);
+    let init = mcp.initialize(json!({"experimental": {"crp": {"version": "7.0"}}}));
+    assert_eq!(init["error"]["code"], -33001, "{init}");
+    assert_eq!(init["error"]["data"]["supported"], json!(["0.2", "0.1"]), "{init}");
+
+    // Under 0.2 crp/resolve does not exist.
+    let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);
+    mcp.initialize(json!({}));
+    let resolve = mcp.request("crp/resolve", json!({"service": "github.com"}));
+    assert_eq!(resolve["error"]["code"], -33011, "{resolve}");
+}
+
+#[test]
+fn server_discover_lifecycle() {
+    let home = tempfile::tempdir().unwrap();
+    init_vault(home.path());
+    let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);
+    let meta = |crp: Value| {
+        json!({
+            "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+            "io.modelcontextprotocol/clientCapabilities": {"experimental": {"crp": crp}},
+            "io.modelcontextprotocol/clientInfo": {"name": "modern", "version": "1"}
+        })
+    };
+    let d = mcp.request("server/discover", json!({"_meta": meta(json!({}))}));
+    assert_eq!(d["result"]["capabilities"]["experimental"]["crp"]["version"], "0.2", "{d}");
+    let tools = mcp.request("tools/list", json!({"_meta": meta(json!({}))}));
+    assert_eq!(tools["result"]["tools"].as_array().map(Vec::len), Some(10), "{tools}");
+    let use_ = mcp.request("crp/use", json!({"service": "nothing.here", "_meta": meta(json!({"version": "0.2"}))}));
+    assert_eq!(use_["error"]["code"], -33002, "{use_}");
+    let d = mcp.request("server/discover", json!({"_meta": meta(json!({"version": "0.1"}))}));
+    assert_eq!(d["result"]["capabilities"]["experimental"]["crp"]["version"], "0.1", "{d}");
+    let d = mcp.request("server/discover", json!({"_meta": meta(json!({"version": "3.1"}))}));
+    assert_eq!(d["error"]["code"], -33001, "{d}");
+}
+
+#[test]
+fn first_run_under_the_starter_policy_is_read_blind() {
+    let home = tempfile::tempdir().unwrap();
+    init_vault(home.path());
+    let secret = "sk-firstrun-CANARY-7f3a9c";
+    let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);
+    mcp.initialize(json!({}));
+
+    let r = mcp.call_tool(
+        "vault_store",
+        json!({"key": "aws/production", "value": secret, "metadata": {"service": "aws", "environment": "production"}, "ttl": 3600}),
+    );
+    assert!(!is_error(&r), "{r}");
+    assert_eq!(r["structuredContent"]["stored"], true);
+    assert_eq!(r["structuredContent"]["key"], "aws/production");
+    assert!(r["structuredContent"]["expires_at"].is_string(), "{r}");
+
+    let r = mcp.call_tool("vault_list", json!({"prefix": "aws/"}));
+    assert_eq!(r["structuredContent"]["credentials"][0]["key"], "aws/production", "{r}");
+    assert_eq!(r["structuredContent"]["credentials"][0]["service"], "aws", "{r}");
+
+    let r = mcp.call_tool("policy_check", json!({"key": "aws/production", "action": "retrieve"}));
+    assert_eq!(r["structuredContent"]["allowed"], false, "{r}");
+    let r = mcp.call_tool("policy_check", json!({"key": "aws/production", "action": "use"}));
+    assert_eq!(r["structuredContent"]["allowed"], true, "{r}");
+    assert_eq!(r["structuredContent"]["policy"], "owner-manage", "{r}");
+
+    let r = mcp.call_tool("vault_retrieve", json!({"key": "aws/production", "purpose": "deploy"}));
+    assert!(is_error(&r), "{r}");
+    let t = text(&r);
+    assert!(t.contains("policy denied") && t.contains("Agent::\"owner\"") && t.contains("operator"), "{t}");
+    let r = mcp.call_tool("vault_retrieve", json!({"key": "aws/production"}));
+    assert!(is_error(&r) && text(&r).contains("purpose"), "{r}");
+    let r = mcp.call_tool("credential_resolve", json!({"service": "aws", "export": true, "purpose": "x"}));
+    assert!(is_error(&r), "{r}");
+
+    let r = mcp.call_tool("credential_resolve", json!({"service": "aws", "scope": [], "requester": "cursor/workspace-abc"}));
+    assert!(!is_error(&r), "{r}");
+    let c = &r["structuredContent"];
+    assert_eq!(c["exported"], false);
+    for k in ["proxy_base_url", "session_token", "descriptor", "lease_id", "expires_at"] {
+        assert!(c["credential"].get(k).is_some(), "credential.{k} in {c}");
+    }
+    assert_eq!(c["lease_id"], c["credential"]["lease_id"]);
+    let lease = c["lease_id"].as_str().unwrap().to_owned();
+
+    let r = mcp.call_tool("credential_lease", json!({"lease_id": lease, "action": "renew", "ttl": 60}));
+    assert!(!is_error(&r), "{r}");
+    let r = mcp.call_tool("credential_lease", json!({"lease_id": lease, "action": "release"}));
+    assert_eq!(r["structuredContent"]["released"], true, "{r}");
+    let r = mcp.call_tool("credential_lease", json!({"lease_id": lease, "action": "renew"}));
+    assert!(is_error(&r) && text(&r).contains("credential_use"), "{r}");
+
+    let r = mcp.call_tool("audit_log", json!({"key": "aws/production", "limit": 50}));
+    assert!(!is_error(&r), "{r}");
+    assert!(!r["structuredContent"]["events"].as_array().unwrap().is_empty());
+
+    let r = mcp.call_tool("vault_delete", json!({"key": "aws/production"}));
+    assert_eq!(r["structuredContent"]["deleted"], true, "{r}");
+
+    // Argument errors are isError results that never echo values; unknown tools are -32602.
+    let r = mcp.call_tool("vault_store", json!({"key": "x", "value": secret, "bogus": secret}));
+    assert!(is_error(&r), "{r}");
+    let unknown = mcp.request("tools/call", json!({"name": "nope", "arguments": {}}));
+    assert_eq!(unknown["error"]["code"], -32602, "{unknown}");
+
+    let (st, stderr, stdout) = mcp.finish();
+    assert!(st.success(), "{stderr}");
+    assert!(!stdout.contains(secret), "the secret appeared in MCP output");
+    assert!(!stderr.contains(secret), "the secret appeared in the logs");
+    for f in std::fs::read_dir(home.path()).unwrap().flatten() {
+        if f.file_name().to_string_lossy().starts_with("vault.db") {
+            let bytes = std::fs::read(f.path()).unwrap();
+            assert!(!bytes.windows(secret.len()).any(|w| w == secret.as_bytes()), "plaintext in {:?}", f.path());
+        }
+    }
+}
