@@ -18,10 +18,12 @@
 pub mod agents;
 pub mod apply;
 pub mod audit;
+pub mod cli;
 pub mod broker;
 pub mod config;
 pub mod credentials;
 pub mod crypto;
+pub mod http;
 pub mod leases;
 pub mod policy;
 pub mod store;

@@ -281,6 +281,17 @@ fn set_mode(_: &Path, _: u32) -> Result<(), VaultError> {
     Ok(())
 }
 
+/// The vault database and its WAL/SHM files are readable by the owner only.
+fn restrict_db_files(paths: &Paths) {
+    let db = paths.db();
+    for suffix in ["", "-wal", "-shm"] {
+        let p = PathBuf::from(format!("{}{suffix}", db.display()));
+        if p.exists() {
+            let _ = set_mode(&p, 0o600);
+        }
+    }
+}
+
 fn database_url(paths: &Paths, config: &Config, explicit: Option<&str>) -> Option<String> {
     let _ = paths;
     explicit
@@ -467,8 +478,10 @@ impl Vault {
         store.meta_insert("audit_key", &sealed_audit).await?;
         store.meta_insert("key_envelope", &env_json).await?;
         store.close().await;
+        restrict_db_files(&paths);
         let pdir = paths.policies_dir();
         std::fs::create_dir_all(&pdir).map_err(|e| io_err("cannot create", &pdir, e))?;
+        set_mode(&pdir, 0o700)?;
         let starter = paths.starter_policy();
         if !starter.exists() {
             write_new_file(&starter, crate::policy::starter_policy().as_bytes(), 0o600)?;
@@ -486,6 +499,9 @@ impl Vault {
         }
         let store = open_store(&paths, url.as_deref()).await?;
         store.migrate().await?;
+        if url.is_none() {
+            restrict_db_files(&paths);
+        }
         let Some(env) = store.meta_get("key_envelope").await? else {
             return Err(VaultError::NotInitialised(paths.home.display().to_string()));
         };
