@@ -111,7 +111,34 @@ impl<P: Provider + ?Sized> Dispatcher<P> {
         })
     }
 
-    /// Call `method` with `params`, returning the result as JSON.
+    /// Call `method` with `params`, returning the result as JSON: for transports that have
+    /// already taken the envelope apart (MCP tool calls, for instance).
+    ///
+    /// ```
+    /// # use crp_core::{*, types::*, provider::Transport};
+    /// # use async_trait::async_trait;
+    /// # struct Empty;
+    /// # #[async_trait]
+    /// # impl Provider for Empty {
+    /// #     fn capability(&self, v: Version) -> Capability {
+    /// #         Capability { version: v.to_string(), versions: vec![], provider: None,
+    /// #                      features: vec![Feature::Use], conformance: None }
+    /// #     }
+    /// #     async fn use_credential(&self, _: &CallContext, p: UseParams) -> Result<UseResult, CrpError> {
+    /// #         Err(CrpError::service_not_found(&p.service))
+    /// #     }
+    /// # }
+    /// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+    /// let d = Dispatcher::new(std::sync::Arc::new(Empty));
+    /// let v01 = CallContext::new("me", Transport::Mcp).with_version(Version::V0_1);
+    /// let v02 = CallContext::new("me", Transport::Mcp);
+    /// let params = serde_json::json!({"service": "openai.com/api"});
+    /// // crp/resolve exists only under 0.1; `Empty` does not implement it either way.
+    /// assert_eq!(d.call(&v02, "crp/resolve", params.clone()).await.unwrap_err().code, -33011);
+    /// assert_eq!(d.call(&v01, "crp/resolve", params).await.unwrap_err().code, -33011);
+    /// assert_eq!(d.call(&v02, "crp/nope", serde_json::json!({})).await.unwrap_err().code, -32601);
+    /// # });
+    /// ```
     pub async fn call(&self, ctx: &CallContext, method: &str, params: Value) -> Result<Value, CrpError> {
         let p = &*self.provider;
         match method {
@@ -155,7 +182,18 @@ fn to_value<T: Serialize>(v: T) -> Result<Value, CrpError> {
     serde_json::to_value(v).map_err(|_| CrpError::internal())
 }
 
-/// Decode params into `T`, turning serde's message into one that echoes no value.
+/// Decode params into `T`, turning serde's message into one that echoes no value. Providers
+/// use it for the `x-crp/` extension params they receive raw.
+///
+/// ```
+/// use crp_core::dispatch::decode;
+/// use crp_core::types::ext::VaultDeleteParams;
+/// let p: VaultDeleteParams = decode(serde_json::json!({"key": "openai/prod"})).unwrap();
+/// assert_eq!(p.key, "openai/prod");
+/// let e = decode::<VaultDeleteParams>(serde_json::json!({"key": ["sk-live-1"]})).unwrap_err();
+/// assert_eq!(e.code, -32602);
+/// assert!(!e.message.contains("sk-live-1"));
+/// ```
 pub fn decode<T: DeserializeOwned>(params: Value) -> Result<T, CrpError> {
     if !params.is_object() {
         return Err(CrpError::invalid_params("params must be an object of named fields"));

@@ -12,6 +12,14 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// Every code this implementation emits.
+///
+/// ```
+/// use crp_core::ErrorCode;
+/// assert_eq!(ErrorCode::RequireApproval.code(), -33020);
+/// assert_eq!(ErrorCode::from_code(-33013), Some(ErrorCode::DelegationDepthExceeded));
+/// assert_eq!(ErrorCode::from_code(-33013).unwrap().name(), "delegation_depth_exceeded");
+/// assert_eq!(ErrorCode::from_code(-33099), None);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     /// -32700: the message is not JSON.

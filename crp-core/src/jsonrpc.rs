@@ -2,6 +2,23 @@
 //!
 //! Ids are echoed exactly as received (a string, or a number kept in `serde_json::Number` so
 //! that `7`, `-1` and `18446744073709551615` come back unchanged).
+//!
+//! [`crate::Dispatcher`] uses these pieces; a transport that needs them directly does this:
+//!
+//! ```
+//! use crp_core::jsonrpc::{check_envelope, parse_incoming, Incoming};
+//! let Ok(Incoming::Single(v)) = parse_incoming(br#"{"jsonrpc":"2.0","id":"a","method":"crp/list"}"#) else {
+//!     panic!("a single request")
+//! };
+//! let call = check_envelope(v).unwrap();
+//! assert_eq!(call.method, "crp/list");
+//! assert!(!call.is_notification);
+//! assert_eq!(call.params, serde_json::json!({})); // absent params read as {}
+//!
+//! // Not JSON: the -32700 response to send back.
+//! let err = parse_incoming(b"{oops").unwrap_err();
+//! assert_eq!(err.into_result().unwrap_err().code, -32700);
+//! ```
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize};

@@ -1,4 +1,9 @@
 //! Method names on the wire, in one place.
+//!
+//! ```
+//! assert_eq!(crp_core::methods::USE, "crp/use");
+//! assert!("x-crp/whoami".starts_with(crp_core::methods::EXTENSION_PREFIX));
+//! ```
 
 /// v0.2: obtain a use-handle (lease + proxy URL). REQUIRED.
 pub const USE: &str = "crp/use";

@@ -40,6 +40,15 @@ impl Transport {
 
 /// Who is calling, under which negotiated version, through which transport. Transports
 /// authenticate the caller before building this; providers trust `agent`.
+///
+/// ```
+/// use crp_core::{CallContext, Version};
+/// use crp_core::provider::Transport;
+/// let ctx = CallContext::new("agent-1", Transport::Stdio);
+/// assert_eq!(ctx.version, Version::LATEST);
+/// let old = ctx.with_version(Version::V0_1);
+/// assert_eq!((old.version.as_str(), old.transport.as_str()), ("0.1", "stdio"));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CallContext {
     /// The authenticated agent id: what policies see as the principal.
@@ -65,6 +74,34 @@ impl CallContext {
 
 /// A CRP provider. Every method receives params the dispatcher has already decoded and
 /// validated; errors are CRP errors, already free of secrets.
+///
+/// Only [`Provider::capability`] and [`Provider::use_credential`] are required; the others
+/// answer -33011 (`feature_not_supported`) and extensions -32601 until implemented. See the
+/// crate documentation for a complete provider behind a [`crate::Dispatcher`].
+///
+/// ```
+/// use async_trait::async_trait;
+/// use crp_core::types::*;
+/// use crp_core::{CallContext, CrpError, Provider, Version};
+///
+/// /// Knows no service at all; lists nothing.
+/// struct Empty;
+///
+/// #[async_trait]
+/// impl Provider for Empty {
+///     fn capability(&self, v: Version) -> Capability {
+///         Capability { version: v.to_string(), versions: vec![], provider: Some("empty".into()),
+///                      features: vec![Feature::Use, Feature::List], conformance: None }
+///     }
+///     async fn use_credential(&self, _: &CallContext, p: UseParams) -> Result<UseResult, CrpError> {
+///         Err(CrpError::service_not_found(&p.service))
+///     }
+///     async fn list(&self, _: &CallContext, _: ListParams) -> Result<ListResult, CrpError> {
+///         Ok(ListResult { services: vec![], cursor: None })
+///     }
+/// }
+/// assert!(Empty.capability(Version::V0_2).is_conforming_provider());
+/// ```
 #[async_trait]
 pub trait Provider: Send + Sync {
     /// The capability object for a caller speaking `version`: `features` and `conformance`

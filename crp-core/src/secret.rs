@@ -19,6 +19,9 @@ use zeroize::Zeroizing;
 /// let s = SecretValue::new("sk-live-123");
 /// assert_eq!(format!("{s:?}"), "SecretValue([REDACTED])");
 /// assert_eq!(s.expose(), "sk-live-123");
+/// assert_eq!(s.len(), 11);
+/// // It serializes as the plain string, for the one explicit export path.
+/// assert_eq!(serde_json::to_string(&s).unwrap(), r#""sk-live-123""#);
 /// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct SecretValue(Zeroizing<String>);

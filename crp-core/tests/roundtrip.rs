@@ -228,6 +228,8 @@ fn capability() -> impl Strategy<Value = Capability> {
         |(version, versions, provider, features, conformance)| Capability { version, versions, provider, features, conformance },
     )
 }
+// Field by field from the default, so that a field added to ErrorData later keeps this compiling.
+#[allow(clippy::field_reassign_with_default)]
 fn error_data() -> impl Strategy<Value = ErrorData> {
     (
         (of(word()), of(words()), of(words()), of(text()), of(word())),
@@ -723,10 +725,10 @@ proptest! {
             (input, single) => {
                 check_response(single)?;
                 // A readable request id comes back unchanged.
-                if let Ok(Value::Object(o)) = input {
-                    if let Some(id @ (Value::String(_) | Value::Number(_))) = o.get("id") {
-                        prop_assert_eq!(single.get("id"), Some(id));
-                    }
+                if let Ok(Value::Object(o)) = input
+                    && let Some(id @ (Value::String(_) | Value::Number(_))) = o.get("id")
+                {
+                    prop_assert_eq!(single.get("id"), Some(id));
                 }
             }
         }

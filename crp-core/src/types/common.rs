@@ -9,7 +9,16 @@ use crate::error::CrpError;
 pub const MAX_TTL_SECONDS: u32 = 86_400;
 
 /// Sensitivity label. The declaration order is the spec's order, so `Ord` compares them:
-/// `public < internal < confidential < restricted`.
+/// `public < internal < confidential < restricted` (v0.2 §3).
+///
+/// ```
+/// use crp_core::types::Classification;
+/// assert!(Classification::Public < Classification::Restricted);
+/// let c: Classification = "confidential".parse().unwrap();
+/// assert!(c >= Classification::Internal);
+/// assert_eq!(serde_json::to_string(&c).unwrap(), r#""confidential""#);
+/// assert!("secret".parse::<Classification>().is_err());
+/// ```
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
 )]
@@ -53,6 +62,13 @@ impl std::str::FromStr for Classification {
 }
 
 /// The credential types: the five of v0.1 §7 plus v0.2's `basic_auth`.
+///
+/// ```
+/// use crp_core::types::CredentialType;
+/// let t: CredentialType = "oauth_bearer".parse().unwrap();
+/// assert_eq!(t, CredentialType::OauthBearer);
+/// assert_eq!(t.as_str(), "oauth_bearer");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CredentialType {
@@ -156,6 +172,12 @@ fn invalid(message: String) -> CrpError {
 }
 
 /// Check a service identifier against v0.1 §6.1: `^[a-zA-Z0-9._/-]+$`, at most 256 bytes.
+///
+/// ```
+/// use crp_core::types::validate_service;
+/// assert!(validate_service("github.com/api").is_ok());
+/// assert_eq!(validate_service("github com").unwrap_err().code, -32602);
+/// ```
 pub fn validate_service(service: &str) -> Result<(), CrpError> {
     if service.is_empty() || service.len() > 256 {
         return Err(invalid("service must be 1 to 256 characters".into()));

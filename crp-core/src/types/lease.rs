@@ -18,6 +18,14 @@ pub enum LeaseAction {
 }
 
 /// `crp/lease` params.
+///
+/// ```
+/// use crp_core::types::{LeaseAction, LeaseParams};
+/// let p: LeaseParams = serde_json::from_str(r#"{"action":"renew","leaseId":"lease-1","ttl":1800}"#).unwrap();
+/// assert_eq!(p.action, LeaseAction::Renew);
+/// assert!(p.validate().is_ok());
+/// assert!(serde_json::from_str::<LeaseParams>(r#"{"action":"extend","leaseId":"l"}"#).is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LeaseParams {
@@ -68,6 +76,15 @@ pub struct LeaseReleased {
 }
 
 /// `crp/lease` result: the shape depends on the action.
+///
+/// ```
+/// use crp_core::types::LeaseResult;
+/// let r: LeaseResult = serde_json::from_str(r#"{"released":true,"leaseId":"lease-1"}"#).unwrap();
+/// assert!(matches!(r, LeaseResult::Released(ref x) if x.lease_id == "lease-1"));
+/// let r: LeaseResult = serde_json::from_str(
+///     r#"{"lease":{"id":"lease-1","expiresAt":"2026-07-17T14:00:00Z","ttl":3600,"renewable":true}}"#).unwrap();
+/// assert!(matches!(r, LeaseResult::Renewed(_)));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum LeaseResult {

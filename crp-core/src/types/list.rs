@@ -24,6 +24,13 @@ pub struct ListFilter {
 }
 
 /// `crp/list` params.
+///
+/// ```
+/// use crp_core::types::ListParams;
+/// let p: ListParams = serde_json::from_str(r#"{"filter":{"servicePrefix":"github.com/"}}"#).unwrap();
+/// assert_eq!(p.effective_limit(), 50); // v0.1 §6.4 default
+/// assert!(p.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ListParams {

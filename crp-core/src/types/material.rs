@@ -19,7 +19,18 @@ fn default_token_type() -> String {
     "Bearer".into()
 }
 
-/// Credential material, tagged by `type`.
+/// Credential material, tagged by `type`. Secret fields are [`SecretValue`]s, so `Debug`
+/// never shows them.
+///
+/// ```
+/// use crp_core::types::{CredentialMaterial, CredentialType};
+/// let m: CredentialMaterial = serde_json::from_str(r#"{"type":"api_key","key":"sk-1"}"#).unwrap();
+/// assert_eq!(m.credential_type(), CredentialType::ApiKey);
+/// assert!(!format!("{m:?}").contains("sk-1"));
+/// // The spec's defaults are filled in.
+/// assert_eq!(serde_json::to_string(&m).unwrap(),
+///            r#"{"type":"api_key","key":"sk-1","header":"Authorization","prefix":"Bearer"}"#);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum CredentialMaterial {

@@ -1,8 +1,35 @@
 //! Every CRP wire type of v0.1 and v0.2, one module per method plus the shared objects.
 //!
-//! Field names are camelCase exactly as the spec spells them. Requests reject unknown
-//! fields only where the spec closes the object; results are open so that newer providers
-//! can add fields without breaking older clients.
+//! Field names are camelCase exactly as the spec spells them. Request params reject unknown
+//! fields (a misspelt `servce` is an error, not a silently ignored option; the spec itself
+//! never closes an object, so this is this implementation's choice); results are open so
+//! that newer providers can add fields without breaking older clients. Every params type has
+//! a `validate()` for what serde cannot express (service pattern, TTL range, lengths); the
+//! [`crate::Dispatcher`] calls both.
+//!
+//! ```
+//! use crp_core::types::{UseParams, UseResult};
+//!
+//! // The request of v0.2 §5.1.
+//! let p: UseParams = serde_json::from_value(serde_json::json!({
+//!     "service": "github.com/api", "scopes": ["repo:read"], "ttl": 3600,
+//!     "delegation": {"parentLeaseId": "lease-1", "maxDepth": 2},
+//!     "context": {"consumer": "mcp-github", "purpose": "list repos"}
+//! })).unwrap();
+//! assert!(p.validate().is_ok());
+//! assert_eq!(p.delegation.unwrap().max_depth, Some(2));
+//!
+//! // Its result: a handle, never material.
+//! let r: UseResult = serde_json::from_value(serde_json::json!({
+//!     "lease": {"id": "lease-7f3a", "expiresAt": "2026-07-17T13:00:00Z", "ttl": 3600,
+//!               "renewable": true, "delegationDepth": 0},
+//!     "proxyBaseUrl": "http://127.0.0.1:7700/api/v1/proxy/t/lease-7f3a",
+//!     "service": "github.com/api", "grantedScopes": ["repo:read"],
+//!     "credentialDescriptor": {"type": "oauth_bearer", "brokered": false,
+//!                              "autoRefresh": false, "classification": "confidential"}
+//! })).unwrap();
+//! assert_eq!(r.lease.delegation_depth, Some(0));
+//! ```
 
 mod capability;
 mod common;

@@ -32,6 +32,14 @@ impl RevokeReason {
 }
 
 /// `crp/revoke` params.
+///
+/// ```
+/// use crp_core::types::{RevokeParams, RevokeReason};
+/// let p: RevokeParams = serde_json::from_str(
+///     r#"{"leaseId":"lease-7f3a9b2c","reason":"credential_compromised","detail":"in logs"}"#).unwrap();
+/// assert_eq!(p.reason, RevokeReason::CredentialCompromised);
+/// assert!(p.validate().is_ok());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RevokeParams {

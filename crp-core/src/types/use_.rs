@@ -22,6 +22,13 @@ pub struct Delegation {
 }
 
 /// `crp/use` params.
+///
+/// ```
+/// use crp_core::types::UseParams;
+/// let p: UseParams = serde_json::from_str(r#"{"service":"github.com/api","ttl":0}"#).unwrap();
+/// assert_eq!(p.validate().unwrap_err().code, -32602); // ttl is 1..=86400
+/// assert!(serde_json::from_str::<UseParams>(r#"{"servce":"github.com/api"}"#).is_err());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct UseParams {
