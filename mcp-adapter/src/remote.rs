@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, anyhow, bail};
-use crp_core::error::ErrorCode;
+use crp_core::error::ErrorData;
 use crp_core::jsonrpc::{Request, Response};
 use crp_core::signing::{self, AgentSigningKey};
 use crp_core::types::Capability;
@@ -138,11 +138,14 @@ impl RemoteClient {
         let status = resp.status();
         let bytes = resp.bytes().await.map_err(|e| unreachable(self.base_url(), &e))?;
         if status == reqwest::StatusCode::UNAUTHORIZED || status == reqwest::StatusCode::FORBIDDEN {
-            // A JSON-RPC error body (e.g. 403 for a denied call) is still a CRP error.
-            if let Ok(r) = serde_json::from_slice::<Response>(&bytes) {
-                return r.into_result();
-            }
-            return Err(auth_error(&self.agent_id, status.as_u16(), &provider_text(&bytes)));
+            // The provider refused the caller itself (`auth_failure: …`, `scope: …`), with or
+            // without a JSON-RPC body: say which operator command fixes it.
+            let said = match serde_json::from_slice::<Response>(&bytes).map(Response::into_result) {
+                Ok(Err(e)) if e.message.starts_with("auth_failure") || e.message.starts_with("scope") => e.message,
+                Ok(other) => return other,
+                Err(_) => provider_text(&bytes),
+            };
+            return Err(auth_error(&self.agent_id, status.as_u16(), &said));
         }
         match serde_json::from_slice::<Response>(&bytes) {
             Ok(r) => r.into_result(),
@@ -198,8 +201,13 @@ pub fn auth_error(agent: &str, status: u16, provider_said: &str) -> CrpError {
         format!("the provider refused agent `{agent}`")
     };
     let said: String = if provider_said.is_empty() { format!("HTTP {status}") } else { provider_said.to_owned() };
-    CrpError::new(ErrorCode::ProviderError, format!("authentication failed ({said}): {hint}"))
-        .with_data(|d| d.reason = Some(said))
+    // The provider's codes for these refusals (interface.md, crp-provider http/rpc.rs).
+    let (code, name) = if status == 403 { (-32002, "scope") } else { (-32001, "auth_failure") };
+    CrpError {
+        code,
+        message: format!("{said}: {hint}"),
+        data: Some(ErrorData { error: Some(name.into()), reason: Some(said), ..Default::default() }),
+    }
 }
 
 /// `GET {base}/.well-known/crp`.
@@ -283,8 +291,12 @@ mod tests {
         assert!(e.message.contains("crp-provider agent approve ag-1"), "{}", e.message);
         let e = auth_error("ag-1", 401, "auth_failure: agent is disabled");
         assert!(e.message.contains("agent enable ag-1"), "{}", e.message);
+        assert_eq!(e.code, -32001);
         let e = auth_error("ag-1", 401, "");
         assert!(e.message.contains("HTTP 401"), "{}", e.message);
+        let e = auth_error("ag-1", 403, "scope: missing required scope crp.use");
+        assert_eq!(e.code, -32002);
+        assert!(e.message.contains("grant it"), "{}", e.message);
     }
 
     #[test]

@@ -322,7 +322,9 @@ pub fn clean_schema(v: &mut Value) {
                 .unwrap_or_default();
             if let Some(Value::Object(props)) = map.get_mut("properties") {
                 for (name, prop) in props.iter_mut() {
-                    if !required.contains(name) {
+                    if required.contains(name) {
+                        split_nullable(prop);
+                    } else {
                         strip_null(prop);
                     }
                 }
@@ -354,6 +356,28 @@ fn hoist_type(map: &mut JsonObject) {
             }
         }
     }
+}
+
+/// A required nullable `{"type": ["T","null"], ...}` becomes
+/// `{"anyOf": [{"type": "T", ...}, {"type": "null"}]}` (one `type` per branch, which
+/// single-type dialects understand); `description`, `title` and `default` stay outside.
+fn split_nullable(prop: &mut Value) {
+    let Value::Object(map) = prop else { return };
+    let Some(Value::Array(types)) = map.get("type") else { return };
+    let non_null: Vec<Value> = types.iter().filter(|t| t.as_str() != Some("null")).cloned().collect();
+    if non_null.len() != 1 || non_null.len() == types.len() {
+        return;
+    }
+    let mut branch = JsonObject::new();
+    branch.insert("type".into(), non_null[0].clone());
+    let keys: Vec<String> = map.keys().filter(|k| !["type", "description", "title", "default"].contains(&k.as_str())).cloned().collect();
+    for k in keys {
+        if let Some(v) = map.remove(&k) {
+            branch.insert(k, v);
+        }
+    }
+    map.remove("type");
+    map.insert("anyOf".into(), serde_json::json!([Value::Object(branch), {"type": "null"}]));
 }
 
 fn strip_null(prop: &mut Value) {
@@ -914,6 +938,15 @@ mod tests {
         assert_eq!(v["properties"]["b"], serde_json::json!({"type": "string"}));
         assert_eq!(v["properties"]["c"], serde_json::json!({"type": "string", "enum": ["x"], "description": "d"}));
         assert_eq!(v["properties"]["d"], serde_json::json!({"type": "integer", "minimum": 0}));
+        let mut v = serde_json::json!({
+            "type": "object", "required": ["p"],
+            "properties": {"p": {"type": ["string", "null"], "description": "d", "minLength": 1}}
+        });
+        clean_schema(&mut v);
+        assert_eq!(
+            v["properties"]["p"],
+            serde_json::json!({"description": "d", "anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]})
+        );
         let mut v = serde_json::json!({"oneOf": [{"type": "object"}, {"type": "object", "properties": {}}]});
         clean_schema(&mut v);
         assert_eq!(v["type"], "object");

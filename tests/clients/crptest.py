@@ -10,6 +10,8 @@ The Rust test mcp-adapter/tests/clients.rs prepares a vault and, in remote mode,
   CRP_PROVIDER_URL   remote mode, and embedded mode with a provider already serving the vault
   CRP_AGENT_ID       remote mode: the approved agent
   CRP_EXPORT_KEY     a key the policy lets this agent export (retrieve) with a purpose
+  CRP_CLIENT_HOME    remote mode: crp-mcp's own CRP_HOME holding the installed identity
+  CRP_TEST_CANARY_*  the secrets to store (so the harness can scan logs and the database too)
 
 Everything runs on loopback. Every check raises AssertionError with a message; the script
 exits non-zero on the first failure.
@@ -36,6 +38,8 @@ MODE = os.environ.get("CRP_TEST_MODE", "embedded")
 PROVIDER_URL = os.environ.get("CRP_PROVIDER_URL", "")
 AGENT_ID = os.environ.get("CRP_AGENT_ID", "")
 EXPORT_KEY = os.environ.get("CRP_EXPORT_KEY", "test/export")
+# Remote mode: where crp-mcp keeps its agent identity (not the provider's vault home).
+CLIENT_HOME = os.environ.get("CRP_CLIENT_HOME", CRP_HOME)
 
 # No HTTP proxy from the environment may sit between the test and loopback.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -46,7 +50,7 @@ def log(msg: str) -> None:
 
 
 def new_canary(tag: str) -> str:
-    return f"sk-canary-{tag}-{secrets.token_hex(16)}"
+    return os.environ.get(f"CRP_TEST_CANARY_{tag.upper()}") or f"sk-canary-{tag}-{secrets.token_hex(16)}"
 
 
 class Upstream:

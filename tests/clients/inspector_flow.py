@@ -28,7 +28,7 @@ OUTPUT: list[str] = []
 
 
 def server_env() -> list[str]:
-    env = {"CRP_HOME": t.CRP_HOME, "CRP_LOG": "info"}
+    env = {"CRP_HOME": t.CLIENT_HOME if t.MODE == "remote" else t.CRP_HOME, "CRP_LOG": "info"}
     if t.MODE == "remote":
         env["CRP_PROVIDER_URL"] = t.PROVIDER_URL
         env["CRP_AGENT_ID"] = t.AGENT_ID
@@ -80,7 +80,9 @@ def main() -> int:
         names = {x["name"] for x in listed["tools"]}
         check(len(names) == 10 and "credential_use" in names and "audit_log" in names, f"tools {sorted(names)}")
         inspector("tools/list", "--strict")
-        log("inspector tools/list ok (and --strict schema lint clean)")
+        lint = OUTPUT[-1]
+        check("Warning: tool" not in lint and "Error: tool" not in lint, f"inspector --strict schema lint: {lint[-3000:]}")
+        log("inspector tools/list ok (--strict schema lint: no errors, no warnings)")
 
         st = structured(call("vault_store", {"key": key, "value": canary, "service": service, "upstream": upstream.url,
                                              "metadata": {"environment": "test"}}))

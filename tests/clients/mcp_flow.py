@@ -56,7 +56,7 @@ EXPECTED_TOOLS = {
 
 
 def server_params() -> StdioServerParameters:
-    env = {"CRP_HOME": t.CRP_HOME, "CRP_LOG": "info"}
+    env = {"CRP_HOME": t.CLIENT_HOME if t.MODE == "remote" else t.CRP_HOME, "CRP_LOG": "info"}
     if t.MODE == "remote":
         args = ["serve", "--provider", t.PROVIDER_URL]
         env["CRP_AGENT_ID"] = t.AGENT_ID
@@ -93,7 +93,7 @@ async def main_flow(errlog: Any) -> None:
     upstream = t.Upstream()
     tr = t.Transcript()
     try:
-        async with stdio_client(server_params(), errlog=errlog) as (r, w), ClientSession(r, w) as s:
+        async with stdio_client(server_params(), errlog=errlog) as (r, w), ClientSession(r, w, read_timeout_seconds=60) as s:
             init = await s.initialize()
             tr.add(init)
             crp_cap = (init.capabilities.experimental or {}).get("crp")
@@ -228,7 +228,7 @@ async def main_flow(errlog: Any) -> None:
             log("permitted export ok and audited")
 
         # MCP 2026-07-28: server/discover instead of initialize
-        async with stdio_client(server_params(), errlog=errlog) as (r, w), ClientSession(r, w) as s:
+        async with stdio_client(server_params(), errlog=errlog) as (r, w), ClientSession(r, w, read_timeout_seconds=60) as s:
             d = await s.discover()
             tr.add(d)
             crp_cap = (d.capabilities.experimental or {}).get("crp")
