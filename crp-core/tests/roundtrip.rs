@@ -808,3 +808,39 @@ proptest! {
         prop_assert!(!shown.contains(&value));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The serde-message redactor, against serde's own message templates with hostile values.
+
+proptest! {
+    #[test]
+    fn redaction_removes_any_value_from_serde_messages(
+        before in "\\PC{0,8}",
+        after in "[\\PC`\"\\\\]{0,8}",
+        expected in prop_oneof![Just("u32"), Just("`renew` or `release`"), Just("one of `service`, `scopes`"), Just("a string")],
+    ) {
+        let s = format!("{before}CANARY{after}");
+        let messages = [
+            format!("invalid type: string {s:?}, expected {expected}"),
+            format!("invalid value: string {s:?}, expected {expected}"),
+            format!("unknown variant `{s}`, expected {expected}"),
+            format!("unknown field `{s}`, expected {expected}"),
+            format!("unknown field `{s}`, there are no fields"),
+            format!("invalid type: map, expected {expected}"),
+            s.clone(),
+        ];
+        for m in messages {
+            let out = crp_core::dispatch::redact_serde_message(&m);
+            prop_assert!(!out.contains("CANARY"), "{m:?} -> {out:?}");
+        }
+    }
+}
+
+#[test]
+fn redaction_keeps_what_helps_the_caller() {
+    use crp_core::dispatch::redact_serde_message as r;
+    assert_eq!(r("missing field `service`"), "missing field `service`");
+    assert_eq!(r("invalid type: string \"x\", expected u32"), "invalid type: string, expected u32");
+    assert_eq!(r("unknown variant `x`, expected `renew` or `release`"), "unknown variant, expected `renew` or `release`");
+    assert_eq!(r("invalid type: map, expected a string"), "invalid type: map, expected a string");
+}
