@@ -17,6 +17,9 @@
 //! - [`identity`]: local agent identities (`install`, `whoami`, `revoke`);
 //! - [`client_config`]: `config <client>` blocks.
 
+// `CrpError` (crp-core) is the protocol's error type and is returned as is on purpose.
+#![allow(clippy::result_large_err)]
+
 pub mod backend;
 pub mod client_config;
 pub mod embedded;

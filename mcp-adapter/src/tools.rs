@@ -310,10 +310,10 @@ const NON_STANDARD_FORMATS: &[&str] =
 pub fn clean_schema(v: &mut Value) {
     match v {
         Value::Object(map) => {
-            if let Some(Value::String(f)) = map.get("format") {
-                if NON_STANDARD_FORMATS.contains(&f.as_str()) {
-                    map.remove("format");
-                }
+            if let Some(Value::String(f)) = map.get("format")
+                && NON_STANDARD_FORMATS.contains(&f.as_str())
+            {
+                map.remove("format");
             }
             let required: Vec<String> = map
                 .get("required")
@@ -348,12 +348,12 @@ fn hoist_type(map: &mut JsonObject) {
     for key in ["oneOf", "anyOf"] {
         let Some(Value::Array(branches)) = map.get(key) else { continue };
         let types: Vec<Option<&str>> = branches.iter().map(|b| b.get("type").and_then(|t| t.as_str())).collect();
-        if let Some(Some(first)) = types.first() {
-            if types.iter().all(|t| t == &Some(*first)) {
-                let t = (*first).to_owned();
-                map.insert("type".into(), Value::String(t));
-                return;
-            }
+        if let Some(Some(first)) = types.first()
+            && types.iter().all(|t| t == &Some(*first))
+        {
+            let t = (*first).to_owned();
+            map.insert("type".into(), Value::String(t));
+            return;
         }
     }
 }
