@@ -21,6 +21,9 @@
 //! - `version`: `requested` (string or null) negotiates to `expect.version`, or fails with
 //!   `expect.code` and `expect.supported`.
 //! - `error-code`: `code` is in the registry under the spec name `name`.
+//! - `signature`: an Ed25519 key from `seed` (hex) signs `request` (`method`, `host`,
+//!   `pathAndQuery`, `timestamp`, `nonce`, `body`): the canonical string, signature and public
+//!   key equal `expect`, the signature verifies, and a changed body or timestamp does not.
 //!
 //! Subset matching: objects match when every expected key matches (`"$absent"` requires the
 //! key to be missing, `"$present"` any value, `"$contains:text"` a string containing `text`);
@@ -43,16 +46,16 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 
-const KINDS: [&str; 7] =
-    ["valid", "schema-invalid", "invalid", "dispatch", "envelope", "version", "error-code"];
+const KINDS: [&str; 8] =
+    ["valid", "schema-invalid", "invalid", "dispatch", "envelope", "version", "error-code", "signature"];
 const LEVELS: [&str; 8] =
     ["MUST", "MUST NOT", "SHOULD", "SHOULD NOT", "MAY", "REQUIRED", "RECOMMENDED", "OPTIONAL"];
 /// Keys a group may set for its cases.
 const INHERITED: [&str; 7] = ["kind", "level", "schema", "method", "version", "provider", "spec"];
-const CASE_KEYS: [&str; 21] = [
+const CASE_KEYS: [&str; 23] = [
     "description", "kind", "level", "spec", "schema", "data", "canonical", "method", "params",
     "version", "provider", "expect", "received", "called", "calls", "raw", "message",
-    "requested", "canary", "comment", "code",
+    "requested", "canary", "comment", "code", "seed", "request",
 ];
 const GROUP_KEYS: [&str; 3] = ["description", "cases", "comment"];
 
@@ -539,6 +542,51 @@ fn run_error_code(case: &serde_json::Map<String, Value>) -> Result<(), String> {
     Ok(())
 }
 
+fn run_signature(case: &serde_json::Map<String, Value>) -> Result<(), String> {
+    use crp_core::signing;
+    let seed = hex::decode(str_field(case, "seed")?).map_err(|e| format!("seed: {e}"))?;
+    let seed: [u8; 32] = seed.as_slice().try_into().map_err(|_| "seed must be 32 bytes")?;
+    let key = signing::AgentSigningKey::from_bytes(&seed);
+    let req = case.get("request").and_then(Value::as_object).ok_or("case needs `request`")?;
+    let method = str_field(req, "method")?;
+    let host = str_field(req, "host")?;
+    let path = str_field(req, "pathAndQuery")?;
+    let nonce = str_field(req, "nonce")?;
+    let body = str_field(req, "body")?.as_bytes();
+    let ts = req.get("timestamp").and_then(Value::as_i64).ok_or("request needs an integer `timestamp`")?;
+    let expect = case.get("expect").and_then(Value::as_object).ok_or("case needs `expect`")?;
+
+    if !signing::nonce_is_well_formed(nonce) {
+        return Err(format!("nonce `{nonce}` is not well formed"));
+    }
+    let canonical = signing::canonical_string(method, host, path, ts, nonce, body);
+    if canonical != str_field(expect, "canonical")? {
+        return Err(format!("canonical string differs: {canonical:?}"));
+    }
+    let headers = signing::sign_request(&key, "agent-v", method, host, path, body, ts, nonce.to_string());
+    if headers.signature != str_field(expect, "signature")? {
+        return Err(format!("signature differs: {}", headers.signature));
+    }
+    let public = signing::encode_public_key(&key.verifying_key());
+    if public != str_field(expect, "publicKey")? {
+        return Err(format!("public key differs: {public}"));
+    }
+    let vk = signing::parse_public_key(&public)?;
+    signing::verify(&vk, &canonical, &headers.signature).map_err(|e| format!("does not verify: {e}"))?;
+    let mut other_body = body.to_vec();
+    other_body.push(b' ');
+    for tampered in [
+        signing::canonical_string(method, host, path, ts, nonce, &other_body),
+        signing::canonical_string(method, host, path, ts + 1, nonce, body),
+        signing::canonical_string(method, host, &format!("{path}x"), ts, nonce, body),
+    ] {
+        if signing::verify(&vk, &tampered, &headers.signature).is_ok() {
+            return Err(format!("a tampered request verifies: {tampered:?}"));
+        }
+    }
+    Ok(())
+}
+
 fn run_case(ctx: &Ctx, case: &serde_json::Map<String, Value>) -> Result<(), String> {
     for key in case.keys() {
         if !CASE_KEYS.contains(&key.as_str()) {
@@ -564,6 +612,7 @@ fn run_case(ctx: &Ctx, case: &serde_json::Map<String, Value>) -> Result<(), Stri
         "envelope" => run_envelope(ctx, case),
         "version" => run_version(case),
         "error-code" => run_error_code(case),
+        "signature" => run_signature(case),
         other => Err(format!("unknown kind `{other}` (one of {KINDS:?})")),
     }
 }
