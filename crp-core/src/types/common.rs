@@ -117,19 +117,55 @@ impl std::str::FromStr for CredentialType {
 pub struct RequestContext {
     /// The MCP server or program that will use the credential.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub consumer: Option<String>,
     /// Its version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub consumer_version: Option<String>,
     /// The end user or agent on whose behalf the consumer acts (v0.1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub requestor: Option<String>,
     /// Human-readable reason; policies may require it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub purpose: Option<String>,
     /// Correlates provider audit entries with the caller's trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub trace_id: Option<String>,
+}
+
+/// The longest string accepted in a request's `context` fields and other free text, in
+/// characters.
+pub const MAX_TEXT_CHARS: usize = 1024;
+
+impl RequestContext {
+    /// Reject what the schema forbids: each field at most [`MAX_TEXT_CHARS`] characters.
+    ///
+    /// ```
+    /// use crp_core::types::RequestContext;
+    /// let mut c = RequestContext { purpose: Some("list repositories".into()), ..Default::default() };
+    /// assert!(c.validate().is_ok());
+    /// c.purpose = Some("x".repeat(1025));
+    /// assert_eq!(c.validate().unwrap_err().code, -32602);
+    /// ```
+    pub fn validate(&self) -> Result<(), CrpError> {
+        let fields = [
+            ("consumer", &self.consumer),
+            ("consumerVersion", &self.consumer_version),
+            ("requestor", &self.requestor),
+            ("purpose", &self.purpose),
+            ("traceId", &self.trace_id),
+        ];
+        for (name, value) in fields {
+            if value.as_ref().is_some_and(|v| v.chars().count() > MAX_TEXT_CHARS) {
+                return Err(invalid(format!("context.{name} must be at most {MAX_TEXT_CHARS} characters")));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A lease: the bounded, revocable right to use a credential (v0.1 §8, v0.2 §5.1).

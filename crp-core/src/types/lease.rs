@@ -43,7 +43,7 @@ pub struct LeaseParams {
 impl LeaseParams {
     /// Reject what the schema forbids.
     pub fn validate(&self) -> Result<(), CrpError> {
-        if self.lease_id.is_empty() || self.lease_id.len() > 256 {
+        if self.lease_id.is_empty() || self.lease_id.chars().count() > 256 {
             return Err(CrpError::invalid_params("leaseId must be 1 to 256 characters"));
         }
         validate_ttl(self.ttl)

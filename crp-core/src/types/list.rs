@@ -3,7 +3,7 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::common::{Classification, CredentialType, RequestContext};
+use super::common::{Classification, CredentialType, MAX_TEXT_CHARS, RequestContext};
 use crate::error::CrpError;
 
 /// Page size when `limit` is absent (v0.1 §6.4).
@@ -17,6 +17,7 @@ pub const MAX_LIST_LIMIT: u32 = 500;
 pub struct ListFilter {
     /// Only services starting with this.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 256))]
     pub service_prefix: Option<String>,
     /// Only credentials of this type.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -42,6 +43,7 @@ pub struct ListParams {
     pub context: Option<RequestContext>,
     /// Opaque cursor from a previous page.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub cursor: Option<String>,
     /// Page size, 1..=500 (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -57,7 +59,16 @@ impl ListParams {
                 "limit must be between 1 and {MAX_LIST_LIMIT}"
             )));
         }
-        Ok(())
+        if self.cursor.as_ref().is_some_and(|c| c.chars().count() > MAX_TEXT_CHARS) {
+            return Err(CrpError::invalid_params(format!("cursor must be at most {MAX_TEXT_CHARS} characters")));
+        }
+        if self.filter.as_ref().and_then(|f| f.service_prefix.as_ref()).is_some_and(|p| p.chars().count() > 256) {
+            return Err(CrpError::invalid_params("filter.servicePrefix must be at most 256 characters"));
+        }
+        match &self.context {
+            Some(c) => c.validate(),
+            None => Ok(()),
+        }
     }
 
     /// The effective page size.

@@ -43,7 +43,7 @@ mod use_;
 
 pub use capability::{Capability, ConformanceTier, Feature};
 pub use common::{
-    Classification, CredentialDescriptor, CredentialType, Lease, RequestContext, MAX_TTL_SECONDS,
+    Classification, CredentialDescriptor, CredentialType, Lease, RequestContext, MAX_TEXT_CHARS, MAX_TTL_SECONDS,
     validate_scopes, validate_service, validate_ttl,
 };
 pub use lease::{LeaseAction, LeaseParams, LeaseReleased, LeaseRenewed, LeaseResult};

@@ -37,7 +37,11 @@ impl ResolveParams {
     pub fn validate(&self) -> Result<(), CrpError> {
         validate_service(&self.service)?;
         validate_scopes(&self.scopes)?;
-        validate_ttl(self.ttl)
+        validate_ttl(self.ttl)?;
+        match &self.context {
+            Some(c) => c.validate(),
+            None => Ok(()),
+        }
     }
 }
 

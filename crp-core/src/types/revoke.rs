@@ -57,10 +57,10 @@ pub struct RevokeParams {
 impl RevokeParams {
     /// Reject what the schema forbids.
     pub fn validate(&self) -> Result<(), CrpError> {
-        if self.lease_id.is_empty() || self.lease_id.len() > 256 {
+        if self.lease_id.is_empty() || self.lease_id.chars().count() > 256 {
             return Err(CrpError::invalid_params("leaseId must be 1 to 256 characters"));
         }
-        if self.detail.as_ref().is_some_and(|d| d.len() > 1024) {
+        if self.detail.as_ref().is_some_and(|d| d.chars().count() > 1024) {
             return Err(CrpError::invalid_params("detail must be at most 1024 characters"));
         }
         Ok(())

@@ -47,6 +47,7 @@ pub struct UseParams {
     pub delegation: Option<Delegation>,
     /// Identity to broker a token for (v0.2 §6.2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub identity_scope: Option<String>,
     /// Who asks and why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -59,8 +60,14 @@ impl UseParams {
         validate_service(&self.service)?;
         validate_scopes(&self.scopes)?;
         validate_ttl(self.ttl)?;
+        if self.identity_scope.as_ref().is_some_and(|s| s.is_empty() || s.chars().count() > 256) {
+            return Err(CrpError::invalid_params("identityScope must be 1 to 256 characters"));
+        }
+        if let Some(c) = &self.context {
+            c.validate()?;
+        }
         if let Some(d) = &self.delegation {
-            if d.parent_lease_id.is_empty() || d.parent_lease_id.len() > 256 {
+            if d.parent_lease_id.is_empty() || d.parent_lease_id.chars().count() > 256 {
                 return Err(CrpError::invalid_params(
                     "delegation.parentLeaseId must be 1 to 256 characters",
                 ));
