@@ -247,7 +247,7 @@ struct Inner {
     dk: Key32,
     audit_key: Key32,
     audit: AuditLog,
-    audit_task: Mutex<Option<JoinHandle<()>>>,
+    _audit_task: JoinHandle<()>,
     reaper: Mutex<Option<JoinHandle<()>>>,
     policy: PolicyEngine,
     policy_stamp: Mutex<PolicyStamp>,
@@ -553,7 +553,7 @@ impl Vault {
                 dk,
                 audit_key,
                 audit,
-                audit_task: Mutex::new(Some(audit_task)),
+                _audit_task: audit_task,
                 reaper: Mutex::new(None),
                 policy,
                 policy_stamp: Mutex::new(stamp),
@@ -620,9 +620,13 @@ impl Vault {
         if let Some(h) = self.inner.reaper.lock().ok().and_then(|mut g| g.take()) {
             h.abort();
         }
-        // Every append is acknowledged only once durable, so nothing acknowledged is pending;
-        // a final no-op round trip makes sure the writer drained what was queued before.
-        let _ = self.inner.audit_task.lock().map(|g| g.is_some());
+        // Every append is acknowledged only once it is durable, so nothing acknowledged is
+        // pending. Fold the SQLite WAL into the main file so a clean stop leaves one file.
+        if let Store::Sqlite(p) = &self.inner.store
+            && let Err(e) = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)").execute(p).await
+        {
+            tracing::warn!(target: "crp_provider::vault", "WAL checkpoint at shutdown failed: {e}");
+        }
     }
 
     /// The home directory.
@@ -763,6 +767,9 @@ impl Vault {
     // ------------------------------------------------------------------ authorization
 
     async fn principal(&self, agent: &str, template: &AuditRecord) -> Result<Principal, CrpError> {
+        // Pick up policy files changed on disk (by `apply`, an editor, another process) once
+        // per operation.
+        self.reload_policies_if_changed();
         let rec = agents::get(&self.inner.store, agent).await.map_err(|e| internal("storage failure")(e.to_string()))?;
         match rec {
             Some(a) if a.status != AgentStatus::Active => {
@@ -790,7 +797,7 @@ impl Vault {
             delegation_depth: az.depth,
             now: time::OffsetDateTime::now_utc(),
         };
-        self.policy().authorize(&who.id, &who.roles, action, &attrs, &ctx)
+        self.inner.policy.authorize(&who.id, &who.roles, action, &attrs, &ctx)
     }
 
     /// Authorize with side effects: audit refusals, hold approvals, consume an approval.
@@ -1623,6 +1630,7 @@ impl Vault {
         ttl: Option<u32>,
         purpose: Option<&str>,
     ) -> Result<ext::PolicyCheckResult, VaultError> {
+        self.reload_policies_if_changed();
         let cred = credentials::get(&self.inner.store, key).await?.ok_or_else(|| VaultError::NotFound(format!("credential `{key}`")))?;
         let roles = agents::get(&self.inner.store, agent).await?;
         if let Some(a) = roles.as_ref().filter(|a| a.status != AgentStatus::Active) {
