@@ -220,9 +220,8 @@ async fn serve(args: ServeArgs) -> Result<()> {
             agent: args.as_agent.clone().unwrap_or_else(|| crp_provider::vault::Vault::owner_agent().to_owned()),
         })
         .await?;
-        let b = rt.backend();
-        embedded_rt = Some(rt);
-        b
+        embedded_rt = Some(rt.clone());
+        rt
     };
     tracing::info!(
         backend = %backend.describe(),

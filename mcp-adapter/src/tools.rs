@@ -470,26 +470,27 @@ static TOOLS: LazyLock<Vec<Tool>> = LazyLock::new(|| {
             "Store a credential in the vault (or a new version of an existing key). The value is \
              sealed and no tool ever returns it again except an audited, policy-permitted export. \
              Give `upstream` (the API base URL) and optionally `inject` so credential_use can proxy \
-             requests with it. Policy action: `store`.",
+             requests with it. Policy action: `store` (remote agents also need scope `vault:store`).",
             annotations("Store a credential", false, false, false),
         ),
         tool::<VaultRetrieveParams, VaultRetrieveResult>(
             "vault_retrieve",
             "Export a stored value. Prefer credential_use, which never exposes the value. Needs \
              `purpose` and a policy permitting action `retrieve` for this agent on this key; every \
-             export is audited. Policy action: `retrieve`.",
+             export is audited. Policy action: `retrieve` (remote scope `vault:retrieve`).",
             annotations("Export a credential value", true, false, true),
         ),
         tool::<VaultDeleteParams, VaultDeleteResult>(
             "vault_delete",
-            "Remove a credential from the vault; its open leases are revoked. Policy action: `delete`.",
+            "Remove a credential from the vault; its open leases are revoked. Policy action: `delete` \
+             (remote scope `vault:delete`).",
             annotations("Delete a credential", false, true, true),
         ),
         tool::<VaultListParams, VaultListResult>(
             "vault_list",
             "List credentials this agent may see: key, service, type, classification, metadata, \
              tags. Values are never returned. Policy action: `list` (per credential; others are \
-             left out).",
+             left out; remote scope `vault:list`).",
             annotations("List credentials", true, false, true),
         ),
         tool::<CredentialUseArgs, UseHandle>(
@@ -497,7 +498,7 @@ static TOOLS: LazyLock<Vec<Tool>> = LazyLock::new(|| {
             "Get a use-handle for a service: a lease, a `proxy_base_url` and a `session_token`. Send \
              ordinary HTTP requests to proxy_base_url + path with `Authorization: Bearer \
              <session_token>`; the provider injects the real credential, which you never see. \
-             Policy action: `use`.",
+             Policy action: `use` (remote scope `crp:use`).",
             annotations("Use a credential through the proxy", false, false, false),
         ),
         tool::<CredentialResolveArgs, ResolveOutput>(
@@ -506,33 +507,33 @@ static TOOLS: LazyLock<Vec<Tool>> = LazyLock::new(|| {
              `credential` (proxy_base_url, session_token, descriptor, lease_id, expires_at), like \
              credential_use (policy action `use`). With `export: true` and a `purpose` it returns \
              the material itself, only where a policy permits action `resolve`; audited as an \
-             export.",
+             export (remote scopes `crp:use` / `crp:resolve`).",
             annotations("Resolve a credential", false, false, false),
         ),
         tool::<CredentialLeaseArgs, LeaseOutput>(
             "credential_lease",
             "Manage a lease: `renew` extends it (policy action `renew`; the proxy URL and token stay \
              the same), `release` gives it up (action `release`), `revoke` revokes it and its \
-             delegated children (action `revoke`).",
+             delegated children (action `revoke`). Remote scope `crp:lease` (`crp:revoke` for revoke).",
             annotations("Renew, release or revoke a lease", false, true, false),
         ),
         tool::<CredentialRevokeArgs, RevokeOutput>(
             "credential_revoke",
             "Revoke a lease and every lease delegated from it. The next proxied request with it \
-             fails. Policy action: `revoke`.",
+             fails. Policy action: `revoke` (remote scope `crp:revoke`).",
             annotations("Revoke a lease", false, true, true),
         ),
         tool::<PolicyCheckParams, PolicyCheckResult>(
             "policy_check",
             "Dry-run a policy decision without touching the credential: would `requester` (default: \
              this agent) be allowed `action` on `key`? Returns allowed, outcome, the deciding policy \
-             and its reason. Checking another agent needs policy action `audit`.",
+             and its reason. Checking another agent needs policy action `audit` (remote scope `policy:check`).",
             annotations("Check policy", true, false, true),
         ),
         tool::<AuditQueryParams, AuditQueryResult>(
             "audit_log",
             "Query the tamper-evident audit trail (newest first): who did what to which key, when, \
-             under which policy. Never contains values. Policy action: `audit`.",
+             under which policy. Never contains values. Policy action: `audit` (remote scope `audit:read`).",
             annotations("Read the audit log", true, false, true),
         ),
     ]

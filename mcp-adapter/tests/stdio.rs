@@ -189,3 +189,120 @@ fn first_run_under_the_starter_policy_is_read_blind() {
         }
     }
 }
+
+/// A one-route loopback upstream: answers 200 to every request and reports the
+/// `Authorization` header it saw.
+fn upstream() -> (String, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let mut reader = BufReader::new(conn.try_clone().unwrap());
+            let mut auth = String::new();
+            let mut line = String::new();
+            while reader.read_line(&mut line).unwrap_or(0) > 0 {
+                if line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.strip_prefix("authorization: ").or_else(|| line.strip_prefix("Authorization: ")) {
+                    auth = v.trim().to_owned();
+                }
+                line.clear();
+            }
+            let _ = tx.send(auth);
+            let mut w = conn;
+            let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+        }
+    });
+    (url, rx)
+}
+
+/// `GET url` with a bearer token: the status code.
+fn get_status(url: &str, token: &str) -> u16 {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (hostport, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(hostport).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {hostport}\r\nAuthorization: Bearer {token}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0)
+}
+
+fn allow_loopback(home: &std::path::Path, key: &str, service: &str, value: &str, upstream: &str) {
+    let file = home.join("allow.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[credential]]\nkey = \"{key}\"\nservice = \"{service}\"\nvalue_env = \"ALLOW_TEST_VALUE\"\n\
+             upstream = \"{upstream}\"\nallow_private_hosts = [\"127.0.0.1\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::provider_bin())
+        .args(["apply", file.to_str().unwrap()])
+        .env("CRP_HOME", home)
+        .env("ALLOW_TEST_VALUE", value)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// Start `crp-provider serve` on `home`; returns the child and its base URL.
+fn serve(home: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(common::provider_bin())
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("CRP_HOME", home)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("provider printed its address").unwrap();
+        if let Some(u) = line.split_whitespace().find(|w| w.starts_with("http://")) {
+            break u.to_owned();
+        }
+    };
+    std::thread::spawn(move || for _ in lines {});
+    (child, url)
+}
+
+#[test]
+fn shared_proxy_is_used_only_for_the_same_vault() {
+    let (up, seen) = upstream();
+    for same_vault in [true, false] {
+        let mine = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        init_vault(mine.path());
+        init_vault(other.path());
+        let (mut provider, url) = serve(if same_vault { mine.path() } else { other.path() });
+        let listen = url.trim_start_matches("http://").to_owned();
+        let secret = "sk-shared-proxy-CANARY";
+        let mut mcp = Mcp::spawn(mine.path(), &["serve", "--listen", &listen], &[]);
+        mcp.initialize(json!({}));
+        let r = mcp.call_tool("vault_store", json!({"key": "svc/k", "value": secret, "service": "svc"}));
+        assert!(!is_error(&r), "{r}");
+        allow_loopback(mine.path(), "svc/k", "svc", secret, &up);
+        let r = mcp.call_tool("credential_use", json!({"service": "svc"}));
+        assert!(!is_error(&r), "{r}");
+        let base = r["structuredContent"]["proxy_base_url"].as_str().unwrap().to_owned();
+        let token = r["structuredContent"]["session_token"].as_str().unwrap().to_owned();
+        assert_eq!(base.starts_with(&url), same_vault, "proxy {base} vs provider {url} (same vault: {same_vault})");
+        assert_eq!(get_status(&format!("{base}/x"), &token), 200, "same vault: {same_vault}");
+        assert_eq!(seen.recv_timeout(Duration::from_secs(10)).unwrap(), format!("Bearer {secret}"));
+        // Later leases go straight to the proxy chosen.
+        let r = mcp.call_tool("credential_use", json!({"service": "svc"}));
+        let base2 = r["structuredContent"]["proxy_base_url"].as_str().unwrap();
+        assert_eq!(base2.starts_with(&url), same_vault, "{base2}");
+        let (st, stderr, stdout) = mcp.finish();
+        assert!(st.success(), "{stderr}");
+        assert!(!stdout.contains(secret) && !stderr.contains(secret));
+        let _ = provider.kill();
+        let _ = provider.wait();
+    }
+}
