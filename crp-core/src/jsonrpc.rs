@@ -29,7 +29,15 @@ use crate::error::CrpError;
 /// The only protocol version string JSON-RPC 2.0 allows.
 pub const JSONRPC_VERSION: &str = "2.0";
 
-/// A request id.
+/// A request id, echoed exactly.
+///
+/// ```
+/// use crp_core::jsonrpc::Id;
+/// let big: Id = serde_json::from_str("18446744073709551615").unwrap();
+/// assert_eq!(serde_json::to_string(&big).unwrap(), "18446744073709551615");
+/// assert_eq!(serde_json::from_str::<Id>(r#""7""#).unwrap(), Id::from("7"));
+/// assert_ne!(Id::from("7"), Id::from(7));
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum Id {

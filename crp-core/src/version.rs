@@ -5,7 +5,14 @@ use std::fmt;
 
 use crate::error::CrpError;
 
-/// A protocol version this implementation speaks.
+/// A protocol version this implementation speaks. Ordered oldest first.
+///
+/// ```
+/// use crp_core::Version;
+/// assert!(Version::V0_1 < Version::LATEST);
+/// assert_eq!(Version::V0_2.to_string(), "0.2");
+/// assert_eq!(crp_core::version::SUPPORTED, ["0.2", "0.1"]);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Version {
     /// v0.1: `crp/resolve` returns material.

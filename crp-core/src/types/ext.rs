@@ -4,6 +4,17 @@
 //!
 //! None of these is CRP: they are not advertised in `features`, and a provider that does not
 //! implement them answers -32601.
+//!
+//! ```
+//! use crp_core::types::ext::{self, VaultStoreParams};
+//! // An MCP `vault_store` tool call's arguments pass through unchanged.
+//! let args = serde_json::json!({"key": "openai/prod", "value": "sk-proj-1", "metadata": {"service": "openai.com/api"}});
+//! let p: VaultStoreParams = crp_core::dispatch::decode(args.clone()).unwrap();
+//! assert_eq!(p.metadata["service"], "openai.com/api");
+//! assert!(!format!("{p:?}").contains("sk-proj-1"));
+//! let request = crp_core::jsonrpc::Request::new(7, ext::VAULT_STORE, args);
+//! assert_eq!(request.method, "x-crp/vault.store");
+//! ```
 
 use std::collections::BTreeMap;
 
