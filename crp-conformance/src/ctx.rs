@@ -68,6 +68,8 @@ pub struct Shared {
     pub transcript: Mutex<Vec<Said>>,
     /// How long to wait for any one answer.
     pub timeout: Duration,
+    /// How long after an expiry the audit trail may take to record it.
+    pub audit_wait: Duration,
     next_id: AtomicU64,
 }
 
@@ -101,6 +103,7 @@ impl Shared {
             tokens: Mutex::new(vec![]),
             transcript: Mutex::new(vec![]),
             timeout,
+            audit_wait: Duration::from_secs(3),
             next_id: AtomicU64::new(1),
         })
     }

@@ -85,6 +85,9 @@ struct RunArgs {
     /// Seconds to wait for any one answer.
     #[arg(long, default_value_t = 10)]
     timeout: u64,
+    /// Seconds the audit trail may take to record an expiry (audit.expiry-recorded).
+    #[arg(long = "audit-wait", default_value_t = 3)]
+    audit_wait: u64,
     /// Show evidence for every case, not only failures (text format).
     #[arg(long)]
     verbose: bool,
@@ -180,6 +183,7 @@ fn setup(args: &RunArgs) -> Result<(RunConfig, Format), String> {
     cfg.only = args.only.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
     cfg.timeout = Duration::from_secs(args.timeout.max(1));
     cfg.progress = true;
+    cfg.audit_wait = Duration::from_secs(args.audit_wait);
     if let Some(p) = &args.fixtures {
         let text = std::fs::read_to_string(p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
         cfg.fixtures = Some(Fixtures::from_json(&text)?);

@@ -83,6 +83,8 @@ pub struct RunConfig {
     pub timeout: Duration,
     /// Draw progress on stderr (only when it is a terminal).
     pub progress: bool,
+    /// How long after an expiry the audit trail may take to record it.
+    pub audit_wait: Duration,
 }
 
 impl RunConfig {
@@ -98,6 +100,7 @@ impl RunConfig {
             only: vec![],
             timeout: Duration::from_secs(10),
             progress: false,
+            audit_wait: Duration::from_secs(3),
         }
     }
 }
@@ -286,7 +289,15 @@ pub async fn run(mut cfg: RunConfig) -> RunReport {
         Target::Mcp { cmd } => Arc::new(McpTransport::new(cmd, &default_guess, cfg.timeout)),
     };
 
-    // Discovery and reachability.
+    // Reachability (a child process first: its discovery endpoint may not be up before it
+    // answers on stdio), then discovery.
+    let probe = r#"{"jsonrpc":"2.0","id":"crp-conformance-probe","method":"crp/no-such-method","params":{}}"#;
+    if transport.kind() == crate::transport::TransportKind::Stdio
+        && let Err(e) = transport.exchange(None, probe, Expect::Ids(vec![Value::from("crp-conformance-probe")])).await
+    {
+        transport.close().await;
+        return RunReport::fatal(&cfg, started, started_at, format!("the provider does not answer: {e}"));
+    }
     let mut caps: HashMap<Option<String>, Discovery> = HashMap::new();
     let first = match transport.discover(Some(&default_guess)).await {
         Ok(d) => d,
@@ -298,7 +309,6 @@ pub async fn run(mut cfg: RunConfig) -> RunReport {
     };
     if matches!(first, Discovery::Unavailable(_)) {
         // No discovery: check the provider answers at all.
-        let probe = r#"{"jsonrpc":"2.0","id":"crp-conformance-probe","method":"crp/no-such-method","params":{}}"#;
         if let Err(e) = transport.exchange(None, probe, Expect::Ids(vec![Value::from("crp-conformance-probe")])).await {
             transport.close().await;
             return RunReport::fatal(&cfg, started, started_at, format!("the provider does not answer: {e}"));
@@ -354,7 +364,10 @@ pub async fn run(mut cfg: RunConfig) -> RunReport {
     let tier = cfg.tier.or(claimed).unwrap_or(Tier::Basic);
 
     let shared = match Shared::new(transport.clone(), fixtures, echo.state.clone(), caps, default_version.clone(), tier, cfg.timeout) {
-        Ok(s) => Arc::new(s),
+        Ok(mut s) => {
+            s.audit_wait = cfg.audit_wait;
+            Arc::new(s)
+        }
         Err(e) => return RunReport::fatal(&cfg, started, started_at, e),
     };
 

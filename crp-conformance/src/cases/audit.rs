@@ -128,8 +128,9 @@ async fn expiry_recorded(ctx: Ctx) -> CaseResult {
     let h = ctx.use_with(p).await?;
     sleep_past(h.expires_at.as_deref(), u64::from(c.max_ttl), Duration::from_millis(200), Duration::from_secs(u64::from(c.max_ttl) + 2)).await;
     let lease = h.lease_id.clone();
+    let wait = ctx.shared().audit_wait;
     let found = ctx
-        .poll(Duration::from_secs(3), || {
+        .poll(wait, || {
             let ctx = ctx.clone();
             let lease = lease.clone();
             async move {
@@ -138,7 +139,12 @@ async fn expiry_recorded(ctx: Ctx) -> CaseResult {
             }
         })
         .await?;
-    ensure!(found.is_some(), "no expiry event for lease {lease} within 3 s of its expiry");
+    ensure!(
+        found.is_some(),
+        "no expiry event (an action containing `expire`) for lease {lease} within {:.1} s of its expiry \
+         (raise --audit-wait if the provider records expiries on a slower schedule)",
+        wait.as_secs_f64()
+    );
     Ok(())
 }
 
