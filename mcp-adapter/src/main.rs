@@ -144,7 +144,8 @@ fn main() -> ExitCode {
         Some(Command::Serve(a)) => a.log_file.clone(),
         Some(_) => None,
     };
-    let default_level = if matches!(cli.command, None | Some(Command::Serve(_))) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, None | Some(Command::Serve(_))) { "info,rmcp=warn" } else { "warn" };
+    let log_to_file = log_file.is_some();
     if let Err(e) = init_logging(log_file.as_deref(), default_level) {
         eprintln!("crp-mcp: {e:#}");
         return ExitCode::from(2);
@@ -173,7 +174,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!("{e:#}");
+            if log_to_file {
+                tracing::error!("{e:#}");
+            }
             eprintln!("crp-mcp: {e:#}");
             ExitCode::from(1)
         }
