@@ -53,6 +53,15 @@ fn cold_start_to_tools_list_and_capabilities() {
 fn crp_version_negotiation_and_custom_requests() {
     let home = tempfile::tempdir().unwrap();
     init_vault(home.path());
+    common::add_policy(
+        home.path(),
+        "50-export.cedar",
+        r#"@id("owner-export-deploy")
+@reason("the owner may export the deploy key with a purpose")
+permit (principal == Agent::"owner", action in [Action::"retrieve", Action::"resolve"], resource == Credential::"ci/deploy")
+when { context has purpose && context.purpose != "" };
+"#,
+    );
 
     // A client asking for CRP 0.1 gets 0.1 advertised; crp/resolve is answered (policy-gated).
     let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);
@@ -64,16 +73,24 @@ fn crp_version_negotiation_and_custom_requests() {
     let code = resolve["error"]["code"].as_i64().unwrap_or(0);
     assert!(code == -33003 || code == -33011, "starter policy refuses the export: {resolve}");
     assert!(!resolve.to_string().contains("sk-neg-SECRET-1"));
+    // Where a policy permits `resolve` (with a purpose), 0.1's crp/resolve exports the material.
+    let r = mcp.call_tool("vault_store", json!({"key": "ci/deploy", "value": "sk-neg-EXPORT-2", "service": "deploy.example"}));
+    assert!(!is_error(&r), "{r}");
+    let resolve = mcp.request("crp/resolve", json!({"service": "deploy.example", "context": {"purpose": "deploy"}}));
+    assert_eq!(resolve["result"]["credential"]["key"], "sk-neg-EXPORT-2", "{resolve}");
+    assert!(resolve["result"]["lease"]["id"].is_string(), "{resolve}");
     let list = mcp.request("crp/list", json!({}));
-    assert_eq!(list["result"]["services"][0]["service"], "github.com", "{list}");
+    let services: Vec<&str> = list["result"]["services"].as_array().unwrap().iter().filter_map(|s| s["service"].as_str()).collect();
+    assert_eq!(services, ["deploy.example", "github.com"], "{list}");
     let unknown = mcp.request("crp/nope", json!({}));
     assert_eq!(unknown["error"]["code"], -32601, "{unknown}");
     let bad = mcp.request("crp/use", json!({"service": "github.com", "ttl": "sk-neg-SECRET-1"}));
     assert_eq!(bad["error"]["code"], -32602, "{bad}");
     assert!(!bad.to_string().contains("sk-neg-SECRET-1"), "params errors never echo values: {bad}");
-    let (st, _, stdout) = mcp.finish();
+    let (st, stderr, stdout) = mcp.finish();
     assert!(st.success());
     assert!(!stdout.contains("sk-neg-SECRET-1"));
+    assert!(!stderr.contains("sk-neg-SECRET-1") && !stderr.contains("sk-neg-EXPORT-2"), "secrets in logs");
 
     // A client asking for an unsupported major gets -33001 with the supported list.
     let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);

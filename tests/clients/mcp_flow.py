@@ -223,9 +223,13 @@ async def main_flow(errlog: Any) -> None:
             ev = (await tool(s, tr, "audit_log", {"key": t.EXPORT_KEY})).structured_content["events"]
             check(any("export" in e["action"] or e.get("detail", {}).get("export") for e in ev),
                   f"export not audited: {[e['action'] for e in ev]}")
+            rs = (await tool(s, tr, "credential_resolve", {"service": t.EXPORT_KEY, "export": True,
+                                                           "purpose": "client test export"}, export=True)).structured_content
+            check(rs["exported"] is True and rs["credential"].get("key") == canary_export,
+                  "credential_resolve export did not return the material")
             dl = (await tool(s, tr, "vault_delete", {"key": t.EXPORT_KEY})).structured_content
             check(dl["deleted"] is True, f"vault_delete {dl}")
-            log("permitted export ok and audited")
+            log("permitted exports (vault_retrieve, credential_resolve export) ok and audited")
 
         # MCP 2026-07-28: server/discover instead of initialize
         async with stdio_client(server_params(), errlog=errlog) as (r, w), ClientSession(r, w, read_timeout_seconds=60) as s:
