@@ -110,6 +110,18 @@ async fn stream_echo(State(rec): State<Arc<Recorder>>, req: Request) -> Response
     Response::builder().status(200).body(Body::from_stream(futures_util::stream::iter(chunks))).unwrap()
 }
 
+/// `GET /big/{n}`: `n` bytes of filler, generated as a stream of 64 KiB chunks (no length).
+async fn big(State(rec): State<Arc<Recorder>>, axum::extract::Path(n): axum::extract::Path<u64>, req: Request) -> Response {
+    record(&rec, &req, 0);
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let full = n / chunk.len() as u64;
+    let tail = (n % chunk.len() as u64) as usize;
+    let s = futures_util::stream::iter(0..full)
+        .map(move |_| Ok::<_, std::io::Error>(chunk.clone()))
+        .chain(futures_util::stream::iter((tail > 0).then(|| Ok(Bytes::from(vec![b'y'; tail])))));
+    Response::builder().status(200).body(Body::from_stream(s)).unwrap()
+}
+
 /// `GET /redirect`: a 302 to another host.
 async fn redirect(State(rec): State<Arc<Recorder>>, req: Request) -> Response {
     record(&rec, &req, 0);
@@ -138,6 +150,7 @@ pub async fn upstream() -> (SocketAddr, Arc<Recorder>) {
         .route("/count", any(count))
         .route("/stream-echo", get(stream_echo))
         .route("/redirect", get(redirect))
+        .route("/big/{n}", get(big))
         .route("/oauth/token", axum::routing::post(token))
         .route("/needs-fresh/{*rest}", any(needs_fresh))
         .with_state(rec.clone());
