@@ -490,7 +490,9 @@ impl Ctx {
         let pretty = serde_json::to_string_pretty(&json).unwrap_or(text.clone());
         let status = reply.status.map(|s| format!("HTTP {s}, ")).unwrap_or_default();
         self.record("response", format!("reply ({status}{} ms)", started.elapsed().as_millis()), &pretty);
-        if json.get("result").is_none() && json.get("error").is_none() && matches!(reply.status, Some(401) | Some(403)) {
+        let code = json.pointer("/error/code").and_then(Value::as_i64);
+        let crp_code = code.is_some_and(|c| (-33099..=-33001).contains(&c));
+        if reply.status == Some(401) || (reply.status == Some(403) && !crp_code) {
             return Err(Stop::Error(format!(
                 "{method}: the provider refused the caller (HTTP {}): {} — pass --header or --agent-key?",
                 reply.status.unwrap_or(0),
