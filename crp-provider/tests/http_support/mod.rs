@@ -153,6 +153,7 @@ pub async fn upstream() -> (SocketAddr, Arc<Recorder>) {
         .route("/big/{n}", get(big))
         .route("/oauth/token", axum::routing::post(token))
         .route("/needs-fresh/{*rest}", any(needs_fresh))
+        .fallback(echo)
         .with_state(rec.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
