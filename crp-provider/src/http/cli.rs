@@ -5,7 +5,7 @@
 //!   serves until SIGINT/SIGTERM, then drains and flushes the audit.
 //! - `serve --stdio`: JSON-RPC on stdin/stdout as the owner's agent; the HTTP server (for the
 //!   proxy) still listens on `--listen`, and its URL goes to stderr. Ends at end of input.
-//! - `serve --dev [--fixtures FILE]`: see [`super::dev`].
+//! - `serve --dev [--fixtures FILE] [--apply FILE.toml]`: see [`super::dev`].
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,6 +30,9 @@ pub struct ServeArgs {
     /// With --dev: a conformance fixture file to load (`crp-conformance fixtures > f.json`).
     #[arg(long, requires = "dev")]
     pub fixtures: Option<PathBuf>,
+    /// With --dev: an `apply` TOML file (credentials, policies, agents) to load.
+    #[arg(long = "apply", value_name = "FILE.toml", requires = "dev")]
+    pub apply_file: Option<PathBuf>,
     /// Base URL advertised in proxyBaseUrl (default http://<listen address>).
     #[arg(long)]
     pub public_url: Option<String>,
@@ -72,7 +75,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     super::install_crypto_provider();
     let (vault, _dev_dir) = if args.dev {
         eprintln!("{}", dev::BANNER);
-        let (v, d) = dev::open_dev_vault(args.fixtures.as_deref()).await?;
+        let (v, d) = dev::open_dev_vault(args.fixtures.as_deref(), args.apply_file.as_deref()).await?;
         (v, Some(d))
     } else {
         (open_vault(&args).await?, None)

@@ -1,5 +1,5 @@
 //! `serve --dev`: the quick start. A throwaway vault in a temporary directory (deleted on
-//! exit), optionally loaded with a conformance fixture file, and unauthenticated loopback
+//! exit), optionally loaded with a conformance fixture file and/or an `apply` TOML file, and unauthenticated loopback
 //! callers acting as agent `dev`. Loudly labelled on stderr: never for real credentials.
 
 use std::path::Path;
@@ -19,7 +19,10 @@ pub const BANNER: &str = "\
 /// Without fixtures the dev policy is installed (agent `dev` may do everything but export).
 /// With fixtures their access table is the policy (the loader gives `dev` the outcomes of the
 /// fixture's first agent), so intended denials stay denials.
-pub async fn open_dev_vault(fixtures: Option<&Path>) -> anyhow::Result<(Vault, tempfile::TempDir)> {
+///
+/// `apply` is a `crp-provider apply` TOML document loaded after that (e.g. a credential
+/// whose upstream is a local test service, with `allow_private_hosts`).
+pub async fn open_dev_vault(fixtures: Option<&Path>, apply: Option<&Path>) -> anyhow::Result<(Vault, tempfile::TempDir)> {
     let (vault, dir) = Vault::open_ephemeral().await.map_err(|e| anyhow::anyhow!("cannot create the dev vault: {e}"))?;
     if fixtures.is_none() {
         vault
@@ -37,6 +40,16 @@ pub async fn open_dev_vault(fixtures: Option<&Path>) -> anyhow::Result<(Vault, t
             .await
             .map_err(|e| anyhow::anyhow!("cannot load fixtures {}: {e}", path.display()))?;
         eprintln!("crp-provider: loaded {} fixture credential(s) from {}", f.credentials.len(), path.display());
+    }
+    if let Some(path) = apply {
+        let doc = crate::apply::ApplyDoc::load(path).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let report = vault.apply(&doc).await.map_err(|e| anyhow::anyhow!("cannot apply {}: {e}", path.display()))?;
+        eprintln!(
+            "crp-provider: applied {}: {} credential(s), {} agent(s)",
+            path.display(),
+            report.credentials_changed.len(),
+            report.agents_changed.len()
+        );
     }
     Ok((vault, dir))
 }
