@@ -47,6 +47,24 @@ pub struct ServeArgs {
     pub passphrase_file: Option<PathBuf>,
 }
 
+impl Default for ServeArgs {
+    /// The defaults of the command line (`127.0.0.1:7700`, 1 MiB bodies, nothing else set).
+    /// Build with `ServeArgs { dev: true, ..Default::default() }`: fields may be added.
+    fn default() -> Self {
+        Self {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 7700)),
+            stdio: false,
+            dev: false,
+            fixtures: None,
+            apply_file: None,
+            public_url: None,
+            max_body_bytes: 1024 * 1024,
+            home: None,
+            passphrase_file: None,
+        }
+    }
+}
+
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("CRP_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
