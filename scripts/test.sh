@@ -32,3 +32,9 @@ export CRP_TEST_POSTGRES_URL
 # --- 4. Every test ---------------------------------------------------------------------------
 echo "== cargo test (workspace)"
 cargo test --workspace --locked 2>&1
+
+# --- 5. Benchmark smoke: every part of scripts/bench.sh at tiny sizes (a few seconds of load,
+# the debug binaries built above), so the harness never rots. It fails on errors only (a setup
+# that breaks, a non-2xx proxied response, a failed lease operation), never on a figure.
+echo "== benchmark smoke (scripts/bench.sh --quick)"
+scripts/bench.sh --quick

@@ -1,0 +1,210 @@
+//! Lease path: `crp/use` followed by `crp/lease` release, with durable audit, (a) over HTTP
+//! against `crp-provider serve` with Ed25519-signed requests, (b) in process through
+//! `crp_core::Provider` on a `Vault` (no HTTP, no signatures), at several concurrencies.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, anyhow};
+use crp_core::types::{LeaseAction, LeaseParams, UseParams};
+use crp_core::provider::Transport;
+use crp_core::{CallContext, Provider};
+use serde_json::json;
+use tokio::sync::Mutex;
+
+use crate::common::*;
+
+pub struct LeaseArgs {
+    pub work: PathBuf,
+    pub server: ServerCmd,
+    pub duration: f64,
+    pub clients: Vec<u32>,
+}
+
+#[derive(Default)]
+struct Tally {
+    use_lat: Samples,
+    release_lat: Samples,
+    errors: Vec<String>,
+}
+
+struct Row {
+    mode: &'static str,
+    clients: u32,
+    pairs: u64,
+    secs: f64,
+    use_lat: Samples,
+    release_lat: Samples,
+    cpu_us_per_pair: f64,
+    errors: u64,
+    first_error: Option<String>,
+}
+
+fn use_params() -> UseParams {
+    UseParams { service: SERVICE.into(), scopes: vec![], ttl: Some(600), delegation: None, identity_scope: None, context: None }
+}
+
+/// Run `clients` workers for `secs`, each looping `op` (which returns the two latencies).
+async fn drive<F, Fut>(clients: u32, secs: f64, op: F) -> (u64, f64, Tally)
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<(Duration, Duration)>> + Send,
+{
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let done = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for _ in 0..clients.max(1) {
+        let (op, tally, done) = (op.clone(), tally.clone(), done.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut local = Tally::default();
+            while Instant::now() < deadline {
+                match op().await {
+                    Ok((u, r)) => {
+                        local.use_lat.push(u);
+                        local.release_lat.push(r);
+                        done.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        if local.errors.len() < 3 {
+                            local.errors.push(format!("{e:#}"));
+                        } else {
+                            local.errors.push(String::new());
+                        }
+                        // Do not spin on a persistent failure.
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                }
+            }
+            let mut t = tally.lock().await;
+            t.use_lat.extend(local.use_lat);
+            t.release_lat.extend(local.release_lat);
+            t.errors.extend(local.errors);
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let tally = Arc::try_unwrap(tally).map(Mutex::into_inner).unwrap_or_default();
+    (done.load(Ordering::Relaxed), secs, tally)
+}
+
+fn row(mode: &'static str, clients: u32, pairs: u64, secs: f64, t: Tally, cpu: f64) -> Row {
+    let first_error = t.errors.iter().find(|e| !e.is_empty()).cloned();
+    Row {
+        mode,
+        clients,
+        pairs,
+        secs,
+        use_lat: t.use_lat,
+        release_lat: t.release_lat,
+        cpu_us_per_pair: cpu,
+        errors: t.errors.len() as u64,
+        first_error,
+    }
+}
+
+pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
+    let mut rows = Vec::new();
+    // (a) over HTTP, signed, against the server process.
+    {
+        let home = a.work.join("lease-home");
+        let (bh, vault) = make_home(&home, "http://127.0.0.1:9", "unused-secret").await?;
+        vault.shutdown().await;
+        drop(vault);
+        let server = a.server.spawn(&bh.home)?;
+        let rpc = RpcClient::new(&server.url, bh.key.clone(), AGENT)?;
+        // correctness once
+        let v = rpc.call("crp/use", json!({"service": SERVICE, "ttl": 600})).await.context("crp/use over HTTP")?;
+        let h = use_handle(&v)?;
+        rpc.call("crp/lease", json!({"action": "release", "leaseId": h.lease_id})).await.context("release over HTTP")?;
+        let tick = us_per_tick();
+        for &c in &a.clients {
+            let rpc = rpc.clone();
+            let before = proc_ticks(server.pid()).unwrap_or(0);
+            let (pairs, secs, tally) = drive(c, a.duration, move || {
+                let rpc = rpc.clone();
+                async move {
+                    let t0 = Instant::now();
+                    let v = rpc.call("crp/use", json!({"service": SERVICE, "ttl": 600})).await?;
+                    let t1 = Instant::now();
+                    let id = v.pointer("/lease/id").and_then(|x| x.as_str()).ok_or_else(|| anyhow!("no lease id"))?.to_string();
+                    rpc.call("crp/lease", json!({"action": "release", "leaseId": id})).await?;
+                    Ok((t1 - t0, t1.elapsed()))
+                }
+            })
+            .await;
+            let after = proc_ticks(server.pid()).unwrap_or(0);
+            let cpu = after.saturating_sub(before) as f64 * tick / pairs.max(1) as f64;
+            rows.push(row("HTTP (signed) → crp-provider serve", c, pairs, secs, tally, cpu));
+            eprintln!("  leases over HTTP c={c}: {pairs} pairs in {secs:.1}s");
+        }
+        drop(server);
+    }
+    // (b) in process.
+    {
+        let home = a.work.join("lease-home-inproc");
+        let (_bh, vault) = make_home(&home, "http://127.0.0.1:9", "unused-secret").await?;
+        let vault = Arc::new(vault);
+        let ctx = CallContext::new(AGENT, Transport::InProcess);
+        for &c in &a.clients {
+            let (vault, ctx) = (vault.clone(), ctx.clone());
+            let (pairs, secs, tally) = drive(c, a.duration, move || {
+                let (vault, ctx) = (vault.clone(), ctx.clone());
+                async move {
+                    let t0 = Instant::now();
+                    let r = vault.use_credential(&ctx, use_params()).await.map_err(|e| anyhow!("use: {e}"))?;
+                    let t1 = Instant::now();
+                    vault
+                        .lease(&ctx, LeaseParams { action: LeaseAction::Release, lease_id: r.lease.id, ttl: None })
+                        .await
+                        .map_err(|e| anyhow!("release: {e}"))?;
+                    Ok((t1 - t0, t1.elapsed()))
+                }
+            })
+            .await;
+            rows.push(row("in-process Provider (Vault)", c, pairs, secs, tally, f64::NAN));
+            eprintln!("  leases in process c={c}: {pairs} pairs in {secs:.1}s");
+        }
+        vault.shutdown().await;
+    }
+
+    let mut ok = true;
+    println!("### Lease path: crp/use + release, durable audit ({} s per run)\n", a.duration);
+    println!("| mode | clients | leases/s (use+release pairs) | use p50 | use p99 | release p50 | release p99 | server CPU µs/pair | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for mut r in rows {
+        let rate = r.pairs as f64 / r.secs;
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.mode,
+            r.clients,
+            human(rate),
+            us(r.use_lat.pct_us(50.0)),
+            us(r.use_lat.pct_us(99.0)),
+            us(r.release_lat.pct_us(50.0)),
+            us(r.release_lat.pct_us(99.0)),
+            if r.cpu_us_per_pair.is_finite() { format!("{:.0}", r.cpu_us_per_pair) } else { "—".into() },
+            r.errors
+        );
+        if r.errors > 0 {
+            ok = false;
+            println!(
+                "|  ↳ first error | | {} | | | | | | |",
+                r.first_error.unwrap_or_default().replace('|', "/").chars().take(160).collect::<String>()
+            );
+        }
+        if r.mode.starts_with("HTTP") && r.clients == 64 {
+            println!(
+                "|  ↳ target ≥ 10,000 leases/s at 64 | | **{}** | | | | | | |",
+                if rate >= 10_000.0 { "met" } else { "missed" }
+            );
+        }
+    }
+    println!();
+    Ok(ok)
+}
