@@ -71,14 +71,28 @@ impl Backend for Embedded {
 /// A remote provider over signed HTTP.
 pub struct Remote {
     client: RemoteClient,
-    /// What `/.well-known/crp` said at startup (newest version).
-    capability: Option<Capability>,
+    /// What `/.well-known/crp` said at startup, per version asked.
+    capabilities: Vec<(Version, Capability)>,
 }
 
 impl Remote {
-    /// Wrap a client; `capability` is the provider's discovery answer, if it was reachable.
-    pub fn new(client: RemoteClient, capability: Option<Capability>) -> Self {
-        Self { client, capability }
+    /// Wrap a client; `capabilities` are the provider's discovery answers (per `CRP-Version`)
+    /// that could be fetched.
+    pub fn new(client: RemoteClient, capabilities: Vec<(Version, Capability)>) -> Self {
+        Self { client, capabilities }
+    }
+
+    /// Ask the provider for its capability under every version we speak (concurrently).
+    pub async fn discover(client: &RemoteClient) -> Vec<(Version, Capability)> {
+        let (a, b) = tokio::join!(client.discover_version(Version::V0_2), client.discover_version(Version::V0_1));
+        let mut out = Vec::new();
+        for (v, r) in [(Version::V0_2, a), (Version::V0_1, b)] {
+            match r {
+                Ok(c) => out.push((v, c)),
+                Err(e) => tracing::warn!("provider discovery for CRP {v} failed: {e:#}"),
+            }
+        }
+        out
     }
 }
 
@@ -89,7 +103,8 @@ impl Backend for Remote {
     }
 
     fn capability(&self, version: Version) -> Capability {
-        match &self.capability {
+        let exact = self.capabilities.iter().find(|(v, _)| *v == version).map(|(_, c)| c);
+        match exact.or_else(|| self.capabilities.first().map(|(_, c)| c)) {
             Some(c) => {
                 let mut c = c.clone();
                 c.version = version.to_string();

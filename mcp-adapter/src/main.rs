@@ -203,18 +203,14 @@ async fn serve(args: ServeArgs) -> Result<()> {
             );
         }
         let client = RemoteClient::new(&url, ident.agent_id(), ident.signing_key()?)?;
-        let cap = match tokio::time::timeout(Duration::from_secs(3), client.discover()).await {
-            Ok(Ok(c)) => Some(c),
-            Ok(Err(e)) => {
-                tracing::warn!("provider discovery failed: {e:#}; tools will report errors until it is reachable");
-                None
-            }
+        let caps = match tokio::time::timeout(Duration::from_secs(3), Remote::discover(&client)).await {
+            Ok(caps) => caps,
             Err(_) => {
-                tracing::warn!("provider discovery timed out");
-                None
+                tracing::warn!("provider discovery timed out; tools will report errors until it is reachable");
+                Vec::new()
             }
         };
-        Arc::new(Remote::new(client, cap))
+        Arc::new(Remote::new(client, caps))
     } else {
         let rt = embedded::open(EmbeddedOptions {
             home: home.clone(),

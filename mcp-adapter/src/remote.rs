@@ -112,9 +112,25 @@ impl RemoteClient {
         &self.agent_id
     }
 
-    /// `GET /.well-known/crp`.
+    /// `GET /.well-known/crp` (the newest version).
     pub async fn discover(&self) -> Result<Capability> {
         fetch_capability(&self.http, &self.base).await
+    }
+
+    /// `GET /.well-known/crp` with `CRP-Version: version`: the capability under that version.
+    pub async fn discover_version(&self, version: Version) -> Result<Capability> {
+        let url = endpoint(&self.base, "/.well-known/crp")?;
+        let resp = self
+            .http
+            .get(url.clone())
+            .header(VERSION_HEADER, version.as_str())
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}"))?;
+        if !resp.status().is_success() {
+            bail!("{url} answered HTTP {} for CRP {version}", resp.status().as_u16());
+        }
+        resp.json::<Capability>().await.with_context(|| format!("{url} did not return a CRP capability object"))
     }
 
     /// One signed JSON-RPC call.

@@ -378,7 +378,24 @@ fn install_whoami_config_revoke() {
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["mcpServers"]["crp"].get("env").is_none_or(|e| e.get("CRP_AGENT_ID").is_none()), "{v}");
 
-    // The agent can serve MCP in remote mode (whoami over x-crp/whoami happened above);
+    // Remote mode over raw stdio: the capability is the provider's for the negotiated version,
+    // and crp/* requests are signed and answered by the provider.
+    let mut mcp = common::Mcp::spawn(client.path(), &["serve"], &[("CRP_PROVIDER_URL", &p.url), ("CRP_AGENT_ID", &agent)]);
+    let init = mcp.initialize(serde_json::json!({"experimental": {"crp": {"version": "0.1"}}}));
+    let crp = &init["result"]["capabilities"]["experimental"]["crp"];
+    assert_eq!(crp["version"], "0.1", "{init}");
+    // The provider's own 0.1 capability (v0.1 has crp/resolve and no crp/use).
+    assert!(crp["features"].as_array().is_some_and(|f| f.contains(&serde_json::json!("resolve"))), "{init}");
+    let list = mcp.request("crp/list", serde_json::json!({}));
+    assert!(list["result"]["services"].is_array(), "{list}");
+    let resolve = mcp.request("crp/resolve", serde_json::json!({"service": "nothing.here"}));
+    assert!(resolve["error"]["code"].as_i64().is_some_and(|c| c <= -33001), "{resolve}");
+    let r = mcp.call_tool("vault_list", serde_json::json!({}));
+    assert_eq!(r["isError"], false, "{r}");
+    let (st, stderr, _) = mcp.finish();
+    assert!(st.success(), "{stderr}");
+    assert!(stderr.contains(&format!("as agent `{agent}`")), "{stderr}");
+
     // revoke removes the local identity and points at the provider-side command.
     let out = run(crp_mcp(client.path()).args(["revoke", &agent]));
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("crp-provider agent disable {agent}")));
