@@ -340,3 +340,38 @@ async fn http2_callers_and_audit_and_metrics() {
     e.server.shutdown().await;
     drop(e.vault);
 }
+
+#[tokio::test]
+async fn shutdown_drains_in_flight_requests() {
+    let e = env().await;
+    let (url, token, lease) = use_service(&e.base, "echo", json!({})).await;
+    let inflight = tokio::spawn({
+        let (url, token) = (url.clone(), token.clone());
+        async move { client().get(format!("{url}/slow")).bearer_auth(&token).send().await.unwrap().text().await.unwrap() }
+    });
+    e.rec.slow_entered.notified().await;
+    let addr = e.server.local_addr();
+    let shutdown = tokio::spawn(e.server.shutdown());
+    // New connections are refused once shutdown began (bounded wait for the listener to close).
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "still accepting connections during shutdown");
+    assert!(!shutdown.is_finished(), "shutdown did not wait for the in-flight request");
+    e.rec.slow_gate.notify_one();
+    assert_eq!(inflight.await.unwrap(), "slow done");
+    tokio::time::timeout(Duration::from_secs(10), shutdown).await.expect("shutdown finished").unwrap();
+    // The drained request was audited before the vault was flushed.
+    let ev = crp_provider::audit::query(
+        e.vault.store(),
+        &crp_core::types::ext::AuditQueryParams { action: Some("credential.used".into()), ..Default::default() },
+    )
+    .await
+    .unwrap();
+    assert!(ev.iter().any(|ev| ev.lease_id.as_deref() == Some(lease.as_str())), "{ev:?}");
+}

@@ -36,6 +36,10 @@ pub struct Recorder {
     pub seen: Mutex<Vec<Seen>>,
     pub streamed_bytes: AtomicU64,
     pub token_calls: AtomicU64,
+    /// `/slow` signals this when a request arrived...
+    pub slow_entered: tokio::sync::Notify,
+    /// ...and answers once this is notified.
+    pub slow_gate: tokio::sync::Notify,
 }
 
 impl Recorder {
@@ -122,6 +126,14 @@ async fn big(State(rec): State<Arc<Recorder>>, axum::extract::Path(n): axum::ext
     Response::builder().status(200).body(Body::from_stream(s)).unwrap()
 }
 
+/// `GET /slow`: answers only when the test opens `slow_gate`.
+async fn slow(State(rec): State<Arc<Recorder>>, req: Request) -> Response {
+    record(&rec, &req, 0);
+    rec.slow_entered.notify_one();
+    rec.slow_gate.notified().await;
+    (http::StatusCode::OK, "slow done").into_response()
+}
+
 /// `GET /redirect`: a 302 to another host.
 async fn redirect(State(rec): State<Arc<Recorder>>, req: Request) -> Response {
     record(&rec, &req, 0);
@@ -150,6 +162,7 @@ pub async fn upstream() -> (SocketAddr, Arc<Recorder>) {
         .route("/count", any(count))
         .route("/stream-echo", get(stream_echo))
         .route("/redirect", get(redirect))
+        .route("/slow", get(slow))
         .route("/big/{n}", get(big))
         .route("/oauth/token", axum::routing::post(token))
         .route("/needs-fresh/{*rest}", any(needs_fresh))
