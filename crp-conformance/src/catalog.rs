@@ -160,5 +160,5 @@ macro_rules! skip {
 /// Fail unless `cond`.
 #[macro_export]
 macro_rules! ensure {
-    ($cond:expr, $($t:tt)*) => { if !$cond { $crate::fail!($($t)*); } };
+    ($cond:expr, $($t:tt)*) => {{ let ok: bool = $cond; if !ok { $crate::fail!($($t)*); } }};
 }

@@ -28,6 +28,7 @@ use crate::transport::{Discovery, Expect, Transport, TransportError};
 pub const KNOWN_VERSIONS: [&str; 2] = ["0.2", "0.1"];
 
 /// Where the provider is.
+#[allow(clippy::large_enum_variant)]
 pub enum Target {
     /// `--http URL`.
     Http {

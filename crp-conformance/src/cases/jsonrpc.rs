@@ -84,7 +84,7 @@ async fn invalid_params(ctx: Ctx) -> CaseResult {
 
 async fn echo_id(ctx: &Ctx, id: Value) -> CaseResult {
     let msg = json!({"jsonrpc": "2.0", "id": id, "method": "crp/no-such-method", "params": {}});
-    let r = ctx.call_msg(Some(&ctx.version().to_string()), "crp/no-such-method", msg, id.clone()).await?;
+    let r = ctx.call_msg(Some(ctx.version()), "crp/no-such-method", msg, id.clone()).await?;
     let got = r.json.get("id").cloned().unwrap_or(Value::Null);
     ensure!(got == id, "sent id {id}, the answer carries {got}");
     Ok(())

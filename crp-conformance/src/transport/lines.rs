@@ -178,10 +178,10 @@ impl LineConn {
     pub async fn close(&self) {
         self.stdin.lock().await.take();
         let child = self.child.lock().ok().and_then(|mut c| c.take());
-        if let Some(mut c) = child {
-            if tokio::time::timeout(Duration::from_secs(2), c.wait()).await.is_err() {
-                let _ = c.kill().await;
-            }
+        if let Some(mut c) = child
+            && tokio::time::timeout(Duration::from_secs(2), c.wait()).await.is_err()
+        {
+            let _ = c.kill().await;
         }
         for t in &self.tasks {
             t.abort();
