@@ -20,11 +20,20 @@ pub fn provider_bin() -> PathBuf {
     let dir = mcp_bin().parent().expect("bin dir").to_path_buf();
     let path = dir.join(format!("crp-provider{}", std::env::consts::EXE_SUFFIX));
     if !path.exists() {
+        // `cargo test -p mcp-adapter` alone does not build other packages' binaries. Build it
+        // with the environment a shell would have: the CARGO_* variables cargo sets for test
+        // processes would otherwise change build fingerprints and rebuild dependencies.
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let st = Command::new(cargo)
-            .args(["build", "-p", "crp-provider", "--bin", "crp-provider"])
-            .status()
-            .expect("run cargo build for crp-provider");
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "crp-provider", "--bin", "crp-provider"]).current_dir(env!("CARGO_MANIFEST_DIR"));
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            let keep = ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_BUILD_JOBS", "CARGO_TERM_COLOR"];
+            if (k.starts_with("CARGO_") && !keep.contains(&k.as_ref())) || k == "OUT_DIR" || k.starts_with("RUST_TEST") {
+                cmd.env_remove(k.as_ref());
+            }
+        }
+        let st = cmd.status().expect("run cargo build for crp-provider");
         assert!(st.success(), "building crp-provider failed");
     }
     assert!(path.exists(), "crp-provider not found at {}", path.display());
