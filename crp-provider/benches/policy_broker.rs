@@ -28,7 +28,11 @@ fn main() {
 fn policy_src(n: usize, one_action: bool) -> String {
     let mut s = String::new();
     for i in 0..n {
-        let action = if one_action { Action::Use } else { Action::ALL[i % Action::ALL.len()] };
+        let action = if one_action {
+            Action::Use
+        } else {
+            Action::ALL[i % Action::ALL.len()]
+        };
         let effect = if i % 10 == 9 { "forbid" } else { "permit" };
         s.push_str(&format!(
             "@id(\"p{i}\") @reason(\"generated {i}\")\n{effect} (principal in Role::\"team{}\", action == Action::\"{}\", resource)\n  when {{ resource.service == \"svc{i}\" && resource.classificationLevel <= 2 && context.ttl <= 3600 }};\n",
@@ -58,7 +62,13 @@ fn request(engine: &PolicyEngine) -> Outcome {
         now: time::OffsetDateTime::now_utc(),
     };
     engine
-        .authorize(black_box("agent-1"), black_box(&roles), Action::Use, black_box(&cred), black_box(&ctx))
+        .authorize(
+            black_box("agent-1"),
+            black_box(&roles),
+            Action::Use,
+            black_box(&cred),
+            black_box(&ctx),
+        )
         .outcome
 }
 
@@ -85,7 +95,10 @@ fn load(bencher: divan::Bencher, n: usize) {
 #[divan::bench]
 fn broker_cache_hit(bencher: divan::Bencher) {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     let hits = Arc::new(AtomicUsize::new(0));
     let url = rt.block_on(async {
         let h = hits.clone();
@@ -99,7 +112,9 @@ fn broker_cache_hit(bencher: divan::Bencher) {
                 }
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let addr = listener.local_addr().expect("addr");
         tokio::spawn(async move {
             let _ = axum::serve(listener, app).await;
@@ -117,5 +132,9 @@ fn broker_cache_hit(bencher: divan::Bencher) {
     let first = rt.block_on(broker.token("bench/key", &cfg)).expect("mint");
     assert_eq!(first.expose(), "bench-token");
     bencher.bench_local(|| rt.block_on(broker.token(black_box("bench/key"), black_box(&cfg))));
-    assert_eq!(hits.load(Ordering::SeqCst), 1, "every benchmarked call was a cache hit");
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "every benchmarked call was a cache hit"
+    );
 }

@@ -925,8 +925,7 @@ fn first_label(d: &dyn Diagnostic) -> Option<miette::LabeledSpan> {
     {
         return Some(l);
     }
-    d.related()
-        .and_then(|mut rel| rel.find_map(first_label))
+    d.related().and_then(|mut rel| rel.find_map(first_label))
 }
 
 /// A Cedar diagnostic as a [`PolicyError`]: message (plus help) and the position of its
