@@ -91,7 +91,10 @@ def main() -> int:
 
         ls = structured(call("vault_list", {"prefix": "insp/"}))
         check([c["key"] for c in ls["credentials"]] == [key], f"vault_list {ls}")
-        log("inspector vault_store / vault_list ok")
+        modern = structured(inspector("tools/call", "--protocol-era", "modern", "--tool-name", "vault_list",
+                                      "--tool-arg", "prefix=insp/"))
+        check([c["key"] for c in modern["credentials"]] == [key], f"vault_list over server/discover {modern}")
+        log("inspector vault_store / vault_list ok (also over MCP 2026-07-28 server/discover)")
 
         h = structured(call("credential_use", {"service": service, "ttl": 300, "purpose": "inspector test"}))
         status, body = t.http("GET", f"{h['proxy_base_url']}/v1/ping?q=1", h["session_token"])
