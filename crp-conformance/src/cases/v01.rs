@@ -29,6 +29,8 @@ pub fn cases() -> Vec<Case> {
             "Resolve is refused, without material, where the policy does not permit export", |c| bx(default_deny(c))),
         Case::new("v01.denied-code", Basic, "0.1", "§9.3", Should,
             "A denied resolve is -33003 policy_denied", |c| bx(denied_code(c))),
+        Case::new("v01.audit-resolved", Basic, "0.1", "§10.1", Must,
+            "A resolve is recorded in the audit trail (credential.resolved)", |c| bx(audit_resolved(c))),
         Case::new("v01.lease-renew", Standard, "0.1", "§6.2", Must,
             "crp/lease renew answers a lease within the caps", |c| bx(renew(c))),
         Case::new("v01.lease-release", Standard, "0.1", "§6.2", Must,
@@ -173,4 +175,13 @@ async fn list(ctx: Ctx) -> CaseResult {
         ensure!(s.get("service").is_some_and(Value::is_string) && s.get("credentialTypes").is_some_and(Value::is_array), "a malformed entry: {s}");
     }
     ctx.no_leak("the 0.1 crp/list result", &r.raw)
+}
+
+async fn audit_resolved(ctx: Ctx) -> CaseResult {
+    super::audit::events(&ctx).await?;
+    let res = resolve(&ctx, 60).await?;
+    let id = res.pointer("/lease/id").and_then(Value::as_str).unwrap_or("").to_string();
+    let ev = super::audit::events(&ctx).await?;
+    ensure!(ev.iter().any(|e| super::mentions(e, &id)), "no audit event mentions the resolved lease {id}");
+    ctx.no_leak("the audit trail after an export", &serde_json::to_string(&ev).unwrap_or_default())
 }

@@ -29,6 +29,8 @@ pub fn cases() -> Vec<Case> {
             "Following cursors visits every service once and ends with a null cursor", |c| bx(pagination(c))),
         Case::new("list.prefix-filter", Standard, "0.1", "§6.4", Should,
             "filter.servicePrefix returns only matching services", |c| bx(prefix(c))),
+        Case::new("list.type-filter", Standard, "0.1", "§6.4", Should,
+            "filter.credentialType returns only services offering that type", |c| bx(type_filter(c))),
         Case::new("classify.descriptor", Standard, "0.2", "§3", Must,
             "credentialDescriptor.classification is the credential's label", |c| bx(descriptor(c))),
         Case::new("classify.list", Standard, "0.2", "§5.2", Must,
@@ -164,6 +166,19 @@ async fn list_labels(ctx: Ctx) -> CaseResult {
         };
         let got = entry.get("classification").cloned().unwrap_or(Value::Null);
         ensure!(got == json!(c.classification.as_str()), "{} is listed with classification {got}, expected {:?}", c.service, c.classification.as_str());
+    }
+    Ok(())
+}
+
+async fn type_filter(ctx: Ctx) -> CaseResult {
+    let c = ctx.cred(FixtureRole::Basic)?;
+    let t = c.credential_type.as_str();
+    let got = all_pages(&ctx, None, Some(json!({"credentialType": t}))).await?;
+    let names_got = names(&got);
+    ensure!(names_got.contains(&c.service), "filter.credentialType `{t}` does not list {}", c.service);
+    for s in &got {
+        let types = s.get("credentialTypes").cloned().unwrap_or(json!([]));
+        ensure!(super::mentions(&types, t), "filter.credentialType `{t}` listed {} with credentialTypes {types}", s.get("service").unwrap_or(&Value::Null));
     }
     Ok(())
 }

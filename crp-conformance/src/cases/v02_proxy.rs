@@ -34,6 +34,8 @@ pub fn cases() -> Vec<Case> {
             "Proxied answers carry no credential material", |c| bx(no_secret_response(c))),
         Case::new("proxy.response-redaction", Basic, "0.2", "§10", Should,
             "A credential reflected by the upstream is redacted before it reaches the consumer", |c| bx(redaction(c))),
+        Case::new("proxy.token-bound-to-lease", Basic, "0.2", "§10", Should,
+            "One lease's session token does not open another lease's proxy URL", |c| bx(token_bound(c))),
         Case::new("proxy.unknown-lease", Basic, "0.2", "§10", Must,
             "A proxy URL naming no live lease is refused and forwards nothing", |c| bx(unknown_lease(c))),
     ]
@@ -170,4 +172,17 @@ async fn unknown_lease(ctx: Ctx) -> CaseResult {
     proxy_refused(&r, "for a lease id that was never issued")?;
     ensure!(is_refusal(r.status), "HTTP {}", r.status);
     Ok(())
+}
+
+async fn token_bound(ctx: Ctx) -> CaseResult {
+    let a = ctx.use_role(FixtureRole::Primary).await?;
+    let b = ctx.use_role(FixtureRole::HeaderKey).await?;
+    let (Some(_), Some(tb)) = (&a.token, &b.token) else {
+        skip!("the provider issues no sessionToken");
+    };
+    // Lease A's URL with lease B's token.
+    let mut crossed = a.clone();
+    crossed.token = Some(tb.clone());
+    let r = ctx.proxy(&crossed, ProxyReq::get("/crossed")).await?;
+    proxy_refused(&r, "with another lease's session token")
 }

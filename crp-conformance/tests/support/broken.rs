@@ -432,12 +432,14 @@ fn list(p: &P, params: &Value) -> Result<Value, Value> {
     let limit = params.get("limit").and_then(Value::as_u64).unwrap_or(50).clamp(1, 500) as usize;
     let start: usize = params.get("cursor").and_then(Value::as_str).and_then(|c| c.parse().ok()).unwrap_or(0);
     let prefix = params.pointer("/filter/servicePrefix").and_then(Value::as_str).unwrap_or("");
+    let ty = params.pointer("/filter/credentialType").and_then(Value::as_str);
     let agent = p.fixtures.agent();
     let mut all: Vec<&FixtureCredential> = p
         .fixtures
         .credentials
         .iter()
         .filter(|c| c.outcome_for(agent) != FixtureOutcome::Deny && c.service.starts_with(prefix))
+        .filter(|c| ty.is_none_or(|t| t == c.credential_type.as_str()))
         .collect();
     all.sort_by(|a, b| a.service.cmp(&b.service));
     let page: Vec<Value> = all
