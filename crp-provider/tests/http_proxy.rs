@@ -375,3 +375,43 @@ async fn shutdown_drains_in_flight_requests() {
     .unwrap();
     assert!(ev.iter().any(|ev| ev.lease_id.as_deref() == Some(lease.as_str())), "{ev:?}");
 }
+
+#[tokio::test]
+async fn tls_upstreams_over_http2_with_rustls() {
+    let (up, rec, ca) = tls_upstream().await;
+    let doc = format!(
+        r#"
+[[credential]]
+key = "tls/main"
+service = "tls"
+value = "{SECRET}"
+upstream = "https://localhost:{}/api"
+allow_private_hosts = ["localhost"]
+"#,
+        up.port()
+    );
+    let (vault, _dir) = vault_with(&doc).await;
+    let mut cfg = crp_provider::http::ServeConfig { listen: "127.0.0.1:0".parse().unwrap(), dev: true, ..Default::default() };
+    cfg.upstream.extra_roots_der = vec![ca];
+    let server = crp_provider::http::start(vault.clone(), cfg).await.unwrap();
+    let (url, token, _) = use_service(&server.base_url(), "tls", json!({})).await;
+    let r = client().get(format!("{url}/v1/me")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.text().await.unwrap();
+    assert!(!body.contains(SECRET), "{body}");
+    let seen = rec.last();
+    assert_eq!(seen.path_and_query, "/api/v1/me");
+    assert_eq!(seen.version, "HTTP/2.0", "ALPN should pick h2");
+    assert_eq!(seen.headers.get("authorization"), Some(&format!("Bearer {SECRET}")));
+    server.shutdown().await;
+
+    // Without the test CA the certificate is refused (502), and nothing is sent.
+    let (vault2, _dir2) = vault_with(&doc).await;
+    let server2 = serve(&vault2, true).await;
+    let (url, token, _) = use_service(&server2.base_url(), "tls", json!({})).await;
+    let before = rec.count();
+    let r = client().get(format!("{url}/v1/me")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 502);
+    assert_eq!(rec.count(), before);
+    server2.shutdown().await;
+}

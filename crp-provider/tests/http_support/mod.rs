@@ -28,6 +28,7 @@ pub struct Seen {
     pub path_and_query: String,
     pub headers: BTreeMap<String, String>,
     pub body_bytes: u64,
+    pub version: String,
 }
 
 /// What the upstream recorded.
@@ -62,6 +63,7 @@ fn record(rec: &Recorder, req: &Request, body_bytes: u64) -> Seen {
         path_and_query: req.uri().path_and_query().map(|p| p.to_string()).unwrap_or_default(),
         headers,
         body_bytes,
+        version: format!("{:?}", req.version()),
     };
     rec.seen.lock().unwrap().push(s.clone());
     s
@@ -156,7 +158,50 @@ async fn needs_fresh(State(rec): State<Arc<Recorder>>, req: Request) -> Response
 /// An upstream on 127.0.0.1:0.
 pub async fn upstream() -> (SocketAddr, Arc<Recorder>) {
     let rec = Arc::new(Recorder::default());
-    let app = Router::new()
+    let app = upstream_app(rec.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, rec)
+}
+
+/// The same upstream over TLS (HTTP/1.1 and HTTP/2 by ALPN) with a fresh self-signed
+/// certificate for `localhost`; returns the certificate (DER) to trust.
+pub async fn tls_upstream() -> (SocketAddr, Arc<Recorder>, Vec<u8>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    crp_provider::http::install_crypto_provider();
+    let rec = Arc::new(Recorder::default());
+    let app = upstream_app(rec.clone());
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let cert_der = ck.cert.der().to_vec();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(ck.signing_key.serialize_der().into());
+    let mut cfg = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![rustls::pki_types::CertificateDer::from(cert_der.clone())], key)
+        .unwrap();
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, app) = (acceptor.clone(), app.clone());
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else { return };
+                let svc = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, rec, cert_der)
+}
+
+fn upstream_app(rec: Arc<Recorder>) -> Router {
+    Router::new()
         .route("/echo", any(echo))
         .route("/echo/{*rest}", any(echo))
         .route("/count", any(count))
@@ -167,13 +212,7 @@ pub async fn upstream() -> (SocketAddr, Arc<Recorder>) {
         .route("/oauth/token", axum::routing::post(token))
         .route("/needs-fresh/{*rest}", any(needs_fresh))
         .fallback(echo)
-        .with_state(rec.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    (addr, rec)
+        .with_state(rec)
 }
 
 /// A throwaway vault with `toml` applied and the dev policy installed.
