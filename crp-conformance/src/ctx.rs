@@ -487,6 +487,12 @@ impl Ctx {
                 return Err(Stop::Fail(format!("{method}: the answer is not JSON{s}")));
             }
         };
+        if let Some(tok) = json.pointer("/result/sessionToken").and_then(Value::as_str)
+            && let Ok(mut t) = self.shared.tokens.lock()
+            && !t.iter().any(|x| x == tok)
+        {
+            t.push(tok.to_string());
+        }
         let pretty = serde_json::to_string_pretty(&json).unwrap_or(text.clone());
         let status = reply.status.map(|s| format!("HTTP {s}, ")).unwrap_or_default();
         self.record("response", format!("reply ({status}{} ms)", started.elapsed().as_millis()), &pretty);
@@ -498,12 +504,6 @@ impl Ctx {
                 reply.status.unwrap_or(0),
                 self.mask(&text)
             )));
-        }
-        if let Some(tok) = json.pointer("/result/sessionToken").and_then(Value::as_str)
-            && let Ok(mut t) = self.shared.tokens.lock()
-            && !t.iter().any(|x| x == tok)
-        {
-            t.push(tok.to_string());
         }
         Ok(Rpc { json, raw: text, status: reply.status })
     }
