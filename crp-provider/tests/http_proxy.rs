@@ -415,3 +415,24 @@ allow_private_hosts = ["localhost"]
     assert_eq!(rec.count(), before);
     server2.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_revoke_by_another_vault_process_cuts_the_next_request() {
+    let e = env().await;
+    let (url, token, lease) = use_service(&e.base, "echo", json!({})).await;
+    assert_eq!(client().get(format!("{url}/echo")).bearer_auth(&token).send().await.unwrap().status(), 200);
+    // A second, independent vault handle on the same home (what `crp-provider lease revoke`
+    // run from a shell is).
+    let other = crp_provider::vault::Vault::open(crp_provider::vault::OpenOptions {
+        home: e._dir.path().to_path_buf(),
+        unlock: None,
+        database_url: None,
+    })
+    .await
+    .unwrap();
+    let affected = other.admin_revoke(&lease).await.unwrap();
+    assert!(affected.contains(&lease), "{affected:?}");
+    let r = client().get(format!("{url}/echo")).bearer_auth(&token).send().await.unwrap();
+    assert_eq!(r.status(), 403);
+    other.shutdown().await;
+}
