@@ -247,3 +247,31 @@ fn deliver(w: &Waiter, line: String) {
         let _ = tx.send(line);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[tokio::test]
+    async fn replies_are_matched_by_id_out_of_order() {
+        // A child that reads two requests and answers them in reverse order, plus a stray
+        // answer nobody asked for.
+        let script = r#"read a; read b; printf '%s\n' '{"jsonrpc":"2.0","id":"two","result":2}' '{"jsonrpc":"2.0","id":99,"result":0}' '{"jsonrpc":"2.0","id":1,"result":1}'; cat >/dev/null"#;
+        let conn = LineConn::spawn(script, Duration::from_secs(5)).expect("spawn");
+        let one = conn.exchange(r#"{"jsonrpc":"2.0","id":1,"method":"a"}"#, Expect::Ids(vec![json!(1)]));
+        let two = conn.exchange(r#"{"jsonrpc":"2.0","id":"two","method":"b"}"#, Expect::Ids(vec![json!("two")]));
+        let (one, two) = tokio::join!(one, two);
+        assert!(one.expect("one").expect("reply").contains("\"result\":1"));
+        assert!(two.expect("two").expect("reply").contains("\"result\":2"));
+        assert_eq!(conn.unsolicited().len(), 1);
+        conn.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_exited_child_is_an_error_not_a_hang() {
+        let conn = LineConn::spawn("echo oops >&2; exit 3", Duration::from_secs(5)).expect("spawn");
+        let r = conn.exchange(r#"{"jsonrpc":"2.0","id":1,"method":"a"}"#, Expect::Ids(vec![json!(1)])).await;
+        assert!(matches!(r, Err(TransportError::Failed(_))), "{r:?}");
+    }
+}
