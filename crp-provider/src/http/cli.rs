@@ -93,6 +93,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     super::install_crypto_provider();
     let (vault, _dev_dir) = if args.dev {
         eprintln!("{}", dev::BANNER);
+        if !args.listen.ip().is_loopback() {
+            eprintln!(
+                "crp-provider: WARNING: --dev on {} is reachable from other machines; only loopback callers act as `dev`, others must sign",
+                args.listen
+            );
+        }
         let (v, d) = dev::open_dev_vault(args.fixtures.as_deref(), args.apply_file.as_deref()).await?;
         (v, Some(d))
     } else {
