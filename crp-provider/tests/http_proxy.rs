@@ -237,6 +237,10 @@ async fn revoke_cascades_to_delegated_children() {
         assert_eq!(v["error"], "lease_revoked", "{v}");
     }
     assert_eq!(e.rec.count(), before, "a revoked lease reached the upstream");
+    // The refused attempts are in the audit, with their status.
+    let events = rpc_ok(&e.base, "x-crp/audit.query", json!({ "action": "credential.used", "limit": 50 })).await;
+    let refused = events["events"].as_array().unwrap().iter().filter(|ev| ev["detail"]["status"] == 403).count();
+    assert_eq!(refused, 2, "{events}");
 }
 
 #[tokio::test]

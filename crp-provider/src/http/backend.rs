@@ -46,6 +46,14 @@ pub trait Backend: Send + Sync + 'static {
     async fn broker_refresh(&self, lease_id: &str) -> Result<SecretValue, ProxyDenied>;
     /// Record `credential.used`; returns once the record is durable.
     async fn audit_proxy(&self, rec: ProxyAuditRecord) -> Result<(), String>;
+    /// Record a refused proxied request on a lease that exists and whose session token was
+    /// right (released, revoked, expired): `credential.used` with the refusal status. Refusals
+    /// for unknown leases or wrong tokens are not recorded (anyone can send those; they would
+    /// let a stranger flood the log).
+    async fn audit_proxy_refused(&self, lease_id: &str, method: &str, path: &str, status: u16) -> Result<(), String> {
+        let _ = (lease_id, method, path, status);
+        Ok(())
+    }
     /// Look an agent up.
     async fn agent(&self, agent_id: &str) -> Result<Option<AgentRecord>, String>;
     /// Redeem a bootstrap token for a new (pending) agent.

@@ -21,6 +21,8 @@
 //!    form of the secret replaced by `[REDACTED]` in headers and body ([`redact`]). Bodies
 //!    with a Content-Length up to `redact_buffer_bytes` are redacted whole and get an exact
 //!    Content-Length; larger or unknown-length bodies stream without one.
+//!    Refusals on a lease that is over (released, revoked, expired; the token was right) are
+//!    audited too, with their status; unknown leases and wrong tokens are not.
 //! 6. `credential.used` is audited with the lease, method, path (query names, no values),
 //!    status, byte counts and duration once the response body has been read to the end, or
 //!    failed, and before the last chunk is released to the caller; an audit failure cuts the
@@ -336,6 +338,14 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
         Err(d) => {
             st.metrics.proxy_outcome("denied");
             let status = StatusCode::from_u16(d.status).unwrap_or(StatusCode::FORBIDDEN);
+            // The lease exists and the token was right, but the lease is over: record the
+            // attempt (the vault checks the token before the lease state).
+            if matches!(d.code, "lease_revoked" | "lease_released" | "lease_expired") {
+                let path = audit_path(rest, parts.uri.query());
+                if let Err(e) = st.backend.audit_proxy_refused(lease_id, parts.method.as_str(), &path, d.status).await {
+                    tracing::error!("audit of a refused proxied request failed: {e}");
+                }
+            }
             return json_error(status, d.code, &d.message);
         }
     };

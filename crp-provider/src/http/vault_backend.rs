@@ -30,6 +30,24 @@ impl Backend for Vault {
         Vault::audit_proxy(self, rec).await.map_err(|e| e.to_string())
     }
 
+    async fn audit_proxy_refused(&self, lease_id: &str, method: &str, path: &str, status: u16) -> Result<(), String> {
+        let Some(l) = Vault::lease_record(self, lease_id).await.map_err(|e| e.to_string())? else {
+            return Ok(());
+        };
+        let rec = ProxyAuditRecord {
+            lease_id: l.id,
+            agent: l.agent,
+            key: l.credential_key,
+            method: method.to_string(),
+            path: path.to_string(),
+            status,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration_us: 0,
+        };
+        Vault::audit_proxy(self, rec).await.map_err(|e| e.to_string())
+    }
+
     async fn agent(&self, agent_id: &str) -> Result<Option<AgentRecord>, String> {
         Vault::agent(self, agent_id).await.map_err(|e| e.to_string())
     }
