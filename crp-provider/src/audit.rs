@@ -328,6 +328,11 @@ impl AuditLog {
         (Self { tx }, handle)
     }
 
+    /// Entries queued for the writer and not yet taken (for metrics).
+    pub fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+
     /// Append an entry and wait until it is durable. Returns its sequence number.
     pub async fn append(&self, rec: AuditRecord) -> Result<i64, AuditError> {
         let (done, wait) = oneshot::channel();

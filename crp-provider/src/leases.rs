@@ -632,3 +632,9 @@ pub async fn list(
     }
     Ok(out)
 }
+
+/// Number of leases active and not past expiry at `now` (indexed by state and expiry).
+pub async fn active_count(store: &Store, now: i64) -> Result<i64, LeaseError> {
+    const Q: &str = "SELECT COUNT(*) FROM leases WHERE state = 'active' AND expires_at > $1";
+    Ok(with_pool!(store, |p| sqlx::query_scalar(Q).bind(now).fetch_one(p).await?))
+}

@@ -26,7 +26,7 @@ enum Cmd {
     /// Create an encrypted vault (refuses to overwrite one) and a starter policy.
     Init(cli::InitArgs),
     /// Serve JSON-RPC, discovery, the injecting proxy and agent registration.
-    Serve(crp_provider::http::cli::ServeArgs),
+    Serve(crp_provider::http::ServeArgs),
     /// Load credentials, policies and agents from a TOML file (idempotent).
     Apply(cli::ApplyArgs),
     /// Manage credentials (values only from stdin, a file or an env var; never printed).
@@ -57,7 +57,7 @@ async fn main() -> ExitCode {
         Cmd::Serve(mut s) => {
             s.home = s.home.or(top.home);
             s.passphrase_file = s.passphrase_file.or(top.passphrase_file);
-            return match crp_provider::http::cli::run(s).await {
+            return match crp_provider::http::run(s).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("crp-provider: {e:#}");

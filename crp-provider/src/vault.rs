@@ -1581,6 +1581,16 @@ impl Vault {
         Ok(leases::list(&self.inner.store, state, agent, limit).await?)
     }
 
+    /// Leases active and not expired (for metrics).
+    pub async fn active_lease_count(&self) -> Result<i64, VaultError> {
+        Ok(leases::active_count(&self.inner.store, now_ms()).await?)
+    }
+
+    /// Audit entries queued for the group-commit writer (for metrics).
+    pub fn audit_queue_depth(&self) -> usize {
+        self.inner.audit.queue_depth()
+    }
+
     /// One lease.
     pub async fn lease_record(&self, id: &str) -> Result<Option<LeaseRecord>, VaultError> {
         Ok(leases::get(&self.inner.store, id).await?)
