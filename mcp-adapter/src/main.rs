@@ -119,9 +119,17 @@ enum Command {
 
 fn init_logging(log_file: Option<&Path>, default: &str) -> Result<()> {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("CRP_LOG")
+    let mut filter = EnvFilter::try_from_env("CRP_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
         .unwrap_or_else(|_| EnvFilter::new(default));
+    // These libraries print whole messages (rmcp: every request and result, i.e. stored values
+    // and exports) or headers (the proxy's injected credential) at debug/trace. Cap them at
+    // info whatever the filter asks, so no log level puts a secret in the log.
+    for cap in ["rmcp=info", "hyper=info", "hyper_util=info", "h2=info", "reqwest=info", "rustls=info", "sqlx=info"] {
+        if let Ok(d) = cap.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     match log_file {
         Some(path) => {

@@ -134,7 +134,8 @@ fn first_run_under_the_starter_policy_is_read_blind() {
     let home = tempfile::tempdir().unwrap();
     init_vault(home.path());
     let secret = "sk-firstrun-CANARY-7f3a9c";
-    let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[]);
+    // The most verbose logging there is: still no secret in the log.
+    let mut mcp = Mcp::spawn(home.path(), &LISTEN_ANY, &[("CRP_LOG", "trace")]);
     mcp.initialize(json!({}));
 
     let r = mcp.call_tool(
