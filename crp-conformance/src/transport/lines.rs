@@ -73,8 +73,13 @@ impl LineConn {
             if let Ok(mut g) = r.lock() {
                 g.closed = true;
                 // Dropping the senders wakes every waiter with an error.
-                g.by_id.clear();
-                g.null_id.clear();
+                let g = &mut *g;
+                let waiters: Vec<Waiter> = g.by_id.drain().map(|(_, w)| w).chain(g.null_id.drain(..)).collect();
+                for w in waiters {
+                    if let Ok(mut s) = w.lock() {
+                        s.take();
+                    }
+                }
             }
         });
         let t = tail.clone();
