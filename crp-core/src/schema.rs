@@ -150,8 +150,26 @@ pub fn file_name(stem: &str) -> String {
 }
 
 /// Pretty JSON with a trailing newline, as committed.
+///
+/// Object keys are sorted, so the output is the same whether or not another crate in the build
+/// turns on serde_json's `preserve_order` feature (cedar-policy does, under `cargo test
+/// --workspace`).
 pub fn render(schema: &Schema) -> String {
-    let mut s = serde_json::to_string_pretty(schema).unwrap_or_default();
+    let value = sort_keys(serde_json::to_value(schema).unwrap_or_default());
+    let mut s = serde_json::to_string_pretty(&value).unwrap_or_default();
     s.push('\n');
     s
+}
+
+fn sort_keys(value: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(String, Value)> = map.into_iter().collect();
+            entries.sort_by(|a, b| a.0.cmp(&b.0));
+            Value::Object(entries.into_iter().map(|(k, v)| (k, sort_keys(v))).collect())
+        }
+        Value::Array(items) => Value::Array(items.into_iter().map(sort_keys).collect()),
+        other => other,
+    }
 }
