@@ -145,8 +145,12 @@ fn our_provider_passes_full_tier_over_mcp() {
     let log = std::fs::read_to_string(tmp.path().join("mcp.log")).unwrap_or_default();
     // Known provider bug, reported (not hidden): crp-mcp does not answer a line that is not
     // JSON with -32700 (JSON-RPC 2.0 §5.1); it stays silent. Remove the entry once fixed.
-    let known: Vec<String> = vec!["jsonrpc.parse-error".into()];
-    assert_eq!(blocking, known, "crp-conformance against crp-mcp (exit {code}):\n{text}\n--- crp-mcp log ---\n{log}");
+    let known = ["jsonrpc.parse-error"];
+    let unexpected: Vec<&String> = blocking.iter().filter(|b| !known.contains(&b.as_str())).collect();
+    assert!(unexpected.is_empty(), "crp-conformance against crp-mcp (exit {code}), new failures {unexpected:?}:\n{text}\n--- crp-mcp log ---\n{log}");
+    for k in known.iter().filter(|k| !blocking.iter().any(|b| b == *k)) {
+        eprintln!("note: known crp-mcp failure `{k}` now passes; remove it from the list");
+    }
     assert!(report["totals"]["pass"].as_u64().unwrap_or(0) >= 90, "{text}");
 }
 
@@ -171,15 +175,12 @@ fn our_provider_passes_full_tier_over_stdio() {
     // fixtures' deny / require_approval / quarantine outcomes are not applied. Over HTTP in
     // --dev the caller is `dev`, which gets the fixture outcomes, and passes. Remove the
     // entries once the stdio dev caller gets the fixture outcomes.
-    let known: Vec<String> = ["list.hides-denied", "outcome.require-approval", "outcome.quarantine", "policy.denied", "audit.denied-recorded"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-    let mut got = blocking.clone();
-    got.sort();
-    let mut want = known.clone();
-    want.sort();
-    assert_eq!(got, want, "crp-conformance against crp-provider --stdio (exit {code}):\n{text}");
+    let known = ["list.hides-denied", "outcome.require-approval", "outcome.quarantine", "policy.denied", "audit.denied-recorded"];
+    let unexpected: Vec<&String> = blocking.iter().filter(|b| !known.contains(&b.as_str())).collect();
+    assert!(unexpected.is_empty(), "crp-conformance against crp-provider --stdio (exit {code}), new failures {unexpected:?}:\n{text}");
+    for k in known.iter().filter(|k| !blocking.iter().any(|b| b == *k)) {
+        eprintln!("note: known stdio failure `{k}` now passes; remove it from the list");
+    }
     // stdio carries no version: the v0.1 cases and the negotiation cases are skipped, the rest pass.
     assert!(report["totals"]["pass"].as_u64().unwrap_or(0) >= 80, "{text}");
 }
