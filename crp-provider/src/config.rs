@@ -80,7 +80,7 @@ pub struct Config {
     /// Grace after expiry during which the proxy still honours a lease (default 0, at most 60).
     #[serde(default)]
     pub lease_grace_seconds: Option<u32>,
-    /// Reaper period, seconds (default 5).
+    /// Reaper period, seconds (default 1).
     #[serde(default)]
     pub reaper_interval_seconds: Option<u32>,
     /// Proxy base URL put into `proxyBaseUrl` (default `http://127.0.0.1:7700`).
@@ -113,6 +113,6 @@ impl Config {
     }
     /// Reaper period.
     pub fn reaper_interval(&self) -> std::time::Duration {
-        std::time::Duration::from_secs(u64::from(self.reaper_interval_seconds.unwrap_or(5).max(1)))
+        std::time::Duration::from_secs(u64::from(self.reaper_interval_seconds.unwrap_or(1).max(1)))
     }
 }

@@ -607,29 +607,28 @@ pub async fn discard(store: &Store, id: &str) -> Result<(), LeaseError> {
     Ok(())
 }
 
-/// Leases, newest first; `state` filters when given, `agent` too.
+/// Leases, newest first; `state` filters when given, `agent` too. One query.
 pub async fn list(
     store: &Store,
     state: Option<LeaseState>,
     agent: Option<&str>,
     limit: u32,
 ) -> Result<Vec<LeaseRecord>, LeaseError> {
-    let ids: Vec<String> = with_pool!(store, |p| {
-        sqlx::query_scalar(
-            "SELECT id FROM leases WHERE ($1 = '' OR state = $1) AND ($2 = '' OR agent = $2) ORDER BY created_at DESC, id LIMIT $3",
-        )
-        .bind(state.map(|s| s.as_str()).unwrap_or(""))
-        .bind(agent.unwrap_or(""))
-        .bind(i64::from(limit))
-        .fetch_all(p)
-        .await?
-    });
-    let mut out = Vec::with_capacity(ids.len());
-    for id in ids {
-        if let Some(l) = get(store, &id).await? {
-            out.push(l);
+    const Q: &str = "SELECT id, credential_key, service, agent, parent_id, depth, max_depth, scopes, token_hash, state, ttl, created_at, expires_at, max_expires_at, ended_at, end_reason, purpose, consumer
+        FROM leases WHERE ($1 = '' OR state = $1) AND ($2 = '' OR agent = $2) ORDER BY created_at DESC, id LIMIT $3";
+    let out: Vec<LeaseRecord> = with_pool!(store, |p| {
+        let rows = sqlx::query(Q)
+            .bind(state.map(|s| s.as_str()).unwrap_or(""))
+            .bind(agent.unwrap_or(""))
+            .bind(i64::from(limit))
+            .fetch_all(p)
+            .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for r in rows {
+            out.push(lease_from_row!(r));
         }
-    }
+        out
+    });
     Ok(out)
 }
 

@@ -120,9 +120,6 @@ pub enum VaultError {
     /// Files.
     #[error("{0}")]
     Io(String),
-    /// A CRP-level refusal (from the same checks callers get).
-    #[error("{0}")]
-    Crp(CrpError),
 }
 
 impl From<crate::store::StoreError> for VaultError {

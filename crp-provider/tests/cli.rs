@@ -71,7 +71,7 @@ fn encodings(secret: &str) -> Vec<Vec<u8>> {
             let start = if pad == 0 { 0 } else { (pad * 4).div_ceil(3) + 1 };
             let end = enc.len().saturating_sub(2);
             if end > start {
-                v.push(enc[start..end].as_bytes().to_vec());
+                v.push(enc.as_bytes()[start..end].to_vec());
             }
         }
     }
