@@ -1754,6 +1754,16 @@ impl Vault {
         crp_core::types::validate_service(&service)?;
         let now = now_ms();
         let expires_at = p.ttl.map(|t| now.saturating_add(i64::try_from(t.min(10 * 365 * 86_400)).unwrap_or(0) * 1000));
+        // Rotating a value (an overwrite that names no upstream / injection) keeps where and how
+        // the previous version was injected.
+        let previous: Option<CredentialConfig> = if p.upstream.is_none() || p.inject.is_none() {
+            credentials::open_current(&self.inner.store, &self.inner.dk, &p.key)
+                .await
+                .map_err(|e| internal("storage failure")(e.to_string()))?
+                .map(|(_, _, c)| c)
+        } else {
+            None
+        };
         let nc = NewCredential {
             key: p.key.clone(),
             service: service.clone(),
@@ -1767,9 +1777,13 @@ impl Vault {
             expires_at,
             value: p.value.clone(),
             config: CredentialConfig {
-                upstream: p.upstream.clone(),
-                injection: p.inject.clone().unwrap_or_else(|| kind.default_injection()),
-                allowed_private_hosts: vec![],
+                upstream: p.upstream.clone().or_else(|| previous.as_ref().and_then(|c| c.upstream.clone())),
+                injection: p
+                    .inject
+                    .clone()
+                    .or_else(|| previous.as_ref().map(|c| c.injection.clone()))
+                    .unwrap_or_else(|| kind.default_injection()),
+                allowed_private_hosts: previous.as_ref().map(|c| c.allowed_private_hosts.clone()).unwrap_or_default(),
                 broker: None,
             },
         };

@@ -195,3 +195,46 @@ async fn conformance_fixtures_map_to_outcomes() {
         assert!(!a["events"].as_array().unwrap().is_empty());
     }
 }
+
+#[tokio::test]
+async fn store_overwrite_keeps_versions_delete_revokes_and_expiry() {
+    let (v, _dir) = Vault::open_ephemeral().await.unwrap();
+    store(&v, "k/one", "svc.k", &[]).await;
+    let r = v.extension(&owner(), ext::VAULT_STORE, json!({"key": "k/one", "value": "second-value-0123456789", "service": "svc.k", "ttl": 3600})).await.unwrap();
+    assert_eq!(r["version"], 2);
+    assert!(r["expires_at"].is_string());
+    assert_eq!(v.credential_versions("k/one").await.unwrap(), 2);
+    let u = v.use_credential(&owner(), serde_json::from_value(json!({"service": "svc.k"})).unwrap()).await.unwrap();
+    assert_eq!(v.proxy_grant(&u.lease.id, u.session_token.as_deref().unwrap()).await.unwrap().secret.expose(), "second-value-0123456789");
+    let d = v.extension(&owner(), ext::VAULT_DELETE, json!({"key": "k/one"})).await.unwrap();
+    assert_eq!(d["deleted"], true);
+    assert_eq!(d["revoked_leases"], json!([u.lease.id]));
+    assert_eq!(v.proxy_grant(&u.lease.id, u.session_token.as_deref().unwrap()).await.unwrap_err().status, 403);
+    let d = v.extension(&owner(), ext::VAULT_DELETE, json!({"key": "k/one"})).await.unwrap();
+    assert_eq!(d["deleted"], false);
+    // Bad params never echo the value.
+    let e = v.extension(&owner(), ext::VAULT_STORE, json!({"key": "bad key!", "value": CANARY})).await.unwrap_err();
+    assert_eq!(e.code, -32602);
+    assert!(!serde_json::to_string(&e).unwrap().contains(CANARY));
+    let e = v.extension(&owner(), ext::VAULT_STORE, json!({"key": "k", "value": CANARY, "bogus": 1})).await.unwrap_err();
+    assert!(!serde_json::to_string(&e).unwrap().contains(CANARY));
+}
+
+#[tokio::test]
+async fn a_bad_policy_is_refused_with_its_position_and_the_previous_set_stays() {
+    let (v, _dir) = Vault::open_ephemeral().await.unwrap();
+    store(&v, "a/one", "svc.a", &[]).await;
+    let doc = crp_provider::apply::ApplyDoc::parse(
+        "[[policy]]\nname = \"broken\"\nsource = '''\n@id(\"x\")\npermit (principal, action, resource) when { resource.nope };\n'''\n",
+        None,
+    )
+    .unwrap();
+    let e = v.apply(&doc).await.unwrap_err().to_string();
+    assert!(e.contains("broken") && e.contains(":2:"), "{e}");
+    assert!(e.contains("nope"), "{e}");
+    // Still the starter policy: the owner may use.
+    v.use_credential(&owner(), serde_json::from_value(json!({"service": "svc.a"})).unwrap()).await.unwrap();
+    // A policy file broken on disk is ignored until fixed; the previous set stays in force.
+    std::fs::write(v.home().join("policies/99-broken.cedar"), "permit (").unwrap();
+    v.use_credential(&owner(), serde_json::from_value(json!({"service": "svc.a"})).unwrap()).await.unwrap();
+}
