@@ -949,7 +949,14 @@ impl Vault {
         self.append(template.clone().policy(policy.as_deref()).lease(&lease_id).with("ttl", ttl).with("scopes", requested.clone()))
             .await?;
         let depth_cap = self.depth_cap().await;
-        let rec = leases::insert_root(store, &nl, depth_cap, now_ms()).await.map_err(|e| lease_err(e, &lease_id))?;
+        let rec = match leases::insert_root(store, &nl, depth_cap, now_ms()).await {
+            Ok(rec) => rec,
+            Err(e) => {
+                // The grant was audited but could not be stored: record that it did not happen.
+                let _ = self.inner.audit.append(template.event(events::ERROR, "error").lease(&lease_id).with("reason", "lease could not be stored")).await;
+                return Err(lease_err(e, &lease_id));
+            }
+        };
         Ok(self.use_result(&rec, cred, Some(token.to_string())))
     }
 
@@ -1345,6 +1352,17 @@ impl Vault {
                 return Err(ProxyDenied::new(410, "lease_expired", "lease expired"));
             }
             LeaseState::Active => {}
+        }
+        // Disabling an agent cuts off its leases at once.
+        match agents::get(store, &l.agent).await {
+            Ok(Some(a)) if a.status != AgentStatus::Active => {
+                return Err(ProxyDenied::new(403, "agent_disabled", format!("agent is {}", a.status.as_str())));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(target: "crp_provider::vault", "proxy agent lookup failed: {e}");
+                return Err(ProxyDenied::new(503, "provider_error", "provider error: storage failure"));
+            }
         }
         let opened = credentials::open_current(store, &self.inner.dk, &l.credential_key).await.map_err(|e| {
             tracing::error!(target: "crp_provider::vault", "proxy credential open failed: {e}");

@@ -238,3 +238,27 @@ async fn a_bad_policy_is_refused_with_its_position_and_the_previous_set_stays() 
     std::fs::write(v.home().join("policies/99-broken.cedar"), "permit (").unwrap();
     v.use_credential(&owner(), serde_json::from_value(json!({"service": "svc.a"})).unwrap()).await.unwrap();
 }
+
+#[tokio::test]
+async fn disabling_an_agent_cuts_off_its_leases_at_once() {
+    use crp_provider::vault::{AgentRecord, AgentStatus};
+    let (v, _dir) = Vault::open_ephemeral().await.unwrap();
+    store(&v, "a/one", "svc.a", &[]).await;
+    v.install_policy("20-bot.cedar", "@id(\"bot-use\")\n@reason(\"bot\")\npermit (principal in Role::\"bots\", action == Action::\"use\", resource);\n")
+        .unwrap();
+    let bot = AgentRecord { id: "bot".into(), name: "Bot".into(), public_key: String::new(), roles: vec!["bots".into()], scopes: vec![], status: AgentStatus::Active };
+    assert!(v.upsert_agent(&bot).await.unwrap());
+    assert!(!v.upsert_agent(&bot).await.unwrap(), "idempotent");
+    let ctx = CallContext::new("bot", Transport::Http);
+    let u = v.use_credential(&ctx, serde_json::from_value(json!({"service": "svc.a"})).unwrap()).await.unwrap();
+    let tok = u.session_token.clone().unwrap();
+    assert!(v.proxy_grant(&u.lease.id, &tok).await.is_ok());
+    v.set_agent_status("bot", AgentStatus::Disabled).await.unwrap();
+    let d = v.proxy_grant(&u.lease.id, &tok).await.unwrap_err();
+    assert_eq!((d.status, d.code), (403, "agent_disabled"));
+    let e = v.use_credential(&ctx, serde_json::from_value(json!({"service": "svc.a"})).unwrap()).await.unwrap_err();
+    assert_eq!(e.code, -33003);
+    assert!(e.message.contains("disabled"), "{e:?}");
+    v.set_agent_status("bot", AgentStatus::Active).await.unwrap();
+    assert!(v.proxy_grant(&u.lease.id, &tok).await.is_ok());
+}
