@@ -165,6 +165,14 @@ struct Req {
 #[derive(Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Req>,
+    stats: std::sync::Arc<Stats>,
+}
+
+/// Writer counters.
+#[derive(Debug, Default)]
+struct Stats {
+    batches: std::sync::atomic::AtomicU64,
+    entries: std::sync::atomic::AtomicU64,
 }
 
 /// Canonical bytes of an entry (what the MAC covers).
@@ -312,10 +320,16 @@ impl AuditLog {
     /// Start the writer task on the current Tokio runtime.
     pub fn start(store: Store, key: Key32) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::channel::<Req>(4096);
+        let stats = std::sync::Arc::new(Stats::default());
+        let st = stats.clone();
         let handle = tokio::spawn(async move {
             let mut buf: Vec<Req> = Vec::with_capacity(256);
             while rx.recv_many(&mut buf, 256).await > 0 {
                 let res = write_batch(&store, &key, &buf).await;
+                if res.is_ok() {
+                    st.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    st.entries.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                }
                 for (i, r) in buf.drain(..).enumerate() {
                     let ack = match &res {
                         Ok(seqs) => Ok(seqs[i]),
@@ -325,7 +339,15 @@ impl AuditLog {
                 }
             }
         });
-        (Self { tx }, handle)
+        (Self { tx, stats }, handle)
+    }
+
+    /// (transactions committed, entries written) by this process's writer since start.
+    pub fn stats(&self) -> (u64, u64) {
+        (
+            self.stats.batches.load(std::sync::atomic::Ordering::Relaxed),
+            self.stats.entries.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Entries queued for the writer and not yet taken (for metrics).

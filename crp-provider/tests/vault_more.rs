@@ -281,3 +281,37 @@ async fn postgres_engine_runs_the_same_vault() {
     v.store().close().await;
     sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}"))).execute(&admin).await.unwrap();
 }
+
+/// Group commit: many concurrent appends share few transactions, every caller gets its own
+/// sequence number, and the chain verifies.
+#[test]
+fn audit_appends_are_group_committed() {
+    use crp_provider::audit::{AuditLog, AuditRecord};
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crp_provider::store::Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
+        store.migrate().await.unwrap();
+        let key = crp_provider::crypto::Key32::generate().unwrap();
+        let (log, _task) = AuditLog::start(store.clone(), key.clone());
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let log = log.clone();
+            tasks.push(tokio::spawn(async move { log.append(AuditRecord::new("credential.used", &format!("agent-{i}"), "allow")).await.unwrap() }));
+        }
+        let mut seqs = Vec::new();
+        for t in tasks {
+            seqs.push(t.await.unwrap());
+        }
+        seqs.sort();
+        assert_eq!(seqs, (1..=200).collect::<Vec<i64>>());
+        let (batches, entries) = log.stats();
+        assert_eq!(entries, 200);
+        assert!(batches <= 20, "200 concurrent appends took {batches} transactions");
+        let r = crp_provider::audit::verify(&store, &key).await.unwrap();
+        assert!(r.ok && r.entries == 200, "{r:?}");
+        // The wrong key cannot verify (nor forge) the chain.
+        let other = crp_provider::crypto::Key32::generate().unwrap();
+        assert!(!crp_provider::audit::verify(&store, &other).await.unwrap().ok);
+    });
+}
