@@ -169,7 +169,7 @@ async fn conformance_fixtures_map_to_outcomes() {
     v.load_fixtures(&f).await.unwrap();
     // Loading twice is idempotent.
     v.load_fixtures(&f).await.unwrap();
-    for agent in [crp_core::fixtures::CONFORMANCE_AGENT, "dev"] {
+    for agent in [crp_core::fixtures::CONFORMANCE_AGENT, "dev", "owner"] {
         let ctx = CallContext::new(agent, Transport::Http);
         let svc = |r: FixtureRole| f.by_role(r).unwrap().service.clone();
         let u = v.use_credential(&ctx, serde_json::from_value(json!({"service": svc(FixtureRole::Primary)})).unwrap()).await.unwrap();
