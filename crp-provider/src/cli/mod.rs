@@ -253,7 +253,7 @@ pub struct CredentialAdd {
     /// Upstream base URL the proxy forwards to.
     #[arg(long)]
     pub upstream: Option<String>,
-    /// Injection: header:NAME[:PREFIX], query:NAME or basic (default header:Authorization:Bearer; basic for basic_auth).
+    /// Injection: `header:NAME[:PREFIX]`, query:NAME or basic (default header:Authorization:Bearer; basic for basic_auth).
     #[arg(long)]
     pub inject: Option<String>,
     /// Grantable scopes, comma-separated.
