@@ -71,14 +71,8 @@ impl Backend for Vault {
     }
 
     async fn gauges(&self) -> Gauges {
-        // Counted from the database (capped: a gauge, not an inventory).
-        let leases_active = Vault::leases(self, Some(crate::leases::LeaseState::Active), None, 100_000)
-            .await
-            .ok()
-            .map(|l| l.len() as u64);
-        // The vault does not expose its writer's queue; `/metrics` then reports the proxy's
-        // own count of records waiting to be durable.
-        Gauges { leases_active, audit_queue_depth: None }
+        let leases_active = Vault::active_lease_count(self).await.ok().map(|n| n.max(0) as u64);
+        Gauges { leases_active, audit_queue_depth: Some(Vault::audit_queue_depth(self) as u64) }
     }
 
     async fn shutdown(&self) {
