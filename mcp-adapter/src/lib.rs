@@ -15,7 +15,8 @@
 //! - [`remote`]: signed HTTP client, discovery, bootstrap registration;
 //! - [`embedded`]: opening the local vault and serving (or finding) the proxy;
 //! - [`identity`]: local agent identities (`install`, `whoami`, `revoke`);
-//! - [`client_config`]: `config <client>` blocks.
+//! - [`client_config`]: `config <client>` blocks;
+//! - [`stdio`]: the stdio relay that answers non-JSON lines with -32700.
 
 // `CrpError` (crp-core) is the protocol's error type and is returned as is on purpose.
 #![allow(clippy::result_large_err)]
@@ -26,4 +27,5 @@ pub mod embedded;
 pub mod identity;
 pub mod remote;
 pub mod server;
+pub mod stdio;
 pub mod tools;

@@ -235,7 +235,9 @@ async fn serve(args: ServeArgs) -> Result<()> {
         ready_ms = started.elapsed().as_millis() as u64,
         "crp-mcp ready on stdio"
     );
-    let outcome = match CrpMcpServer::new(backend).serve(rmcp::transport::stdio()).await {
+    let outcome = match CrpMcpServer::new(backend)
+        .serve(mcp_adapter::stdio::relay(tokio::io::stdin(), tokio::io::stdout()))
+        .await {
         Ok(running) => {
             tokio::select! {
                 r = running.waiting() => r.map(|_| ()).map_err(|e| anyhow!("MCP session ended: {e}")),

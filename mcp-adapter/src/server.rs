@@ -180,7 +180,9 @@ impl ServerHandler for CrpMcpServer {
         context: RequestContext<RoleServer>,
     ) -> Result<CustomResult, McpError> {
         let method = request.method.as_str();
-        if !method.starts_with("crp/") {
+        // crp/* and this provider's x-crp/* extensions go to the backend, where policy
+        // decides per agent exactly as over HTTP.
+        if !method.starts_with("crp/") && !method.starts_with(crp_core::methods::EXTENSION_PREFIX) {
             return Err(to_mcp_error(CrpError::method_not_found(method)));
         }
         let version = self.version(&context).map_err(to_mcp_error)?;
