@@ -4,11 +4,73 @@
 //!
 //! Lines are relayed whole: rmcp's output goes through a pipe and is copied to stdout a line
 //! at a time, under the same lock as the parse-error answers, so two messages never interleave.
+//!
+//! When the client closes stdin right after its last request (`printf ... | crp-mcp`), rmcp
+//! would stop at end of input and drop requests still being handled. The relay holds the end of
+//! input back until every request it forwarded has been answered (bounded by
+//! [`DRAIN_TIMEOUT`]), so a piped session gets all its answers.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, DuplexStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Notify};
+
+/// How long the relay waits for outstanding answers after the client closed stdin.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Request ids forwarded to rmcp and not answered yet.
+#[derive(Default)]
+struct Pending {
+    ids: std::sync::Mutex<HashSet<String>>,
+    changed: Notify,
+}
+
+impl Pending {
+    fn requests_in(&self, message: &serde_json::Value) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        for m in messages(message) {
+            if let (Some(id), Some(_)) = (m.get("id"), m.get("method")) {
+                ids.insert(id.to_string());
+            }
+        }
+    }
+
+    fn answers_in(&self, message: &serde_json::Value) {
+        let mut ids = self.ids.lock().unwrap_or_else(|p| p.into_inner());
+        for m in messages(message) {
+            if m.get("method").is_none() {
+                if let Some(id) = m.get("id") {
+                    ids.remove(&id.to_string());
+                }
+            }
+        }
+        drop(ids);
+        self.changed.notify_waiters();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.ids.lock().unwrap_or_else(|p| p.into_inner()).is_empty()
+    }
+
+    async fn drained(&self) {
+        loop {
+            let changed = self.changed.notified();
+            if self.is_empty() {
+                return;
+            }
+            changed.await;
+        }
+    }
+}
+
+fn messages(v: &serde_json::Value) -> Vec<&serde_json::Value> {
+    match v {
+        serde_json::Value::Array(items) => items.iter().collect(),
+        other => vec![other],
+    }
+}
 
 /// The largest line accepted from the client; a longer one is answered -32600 and skipped.
 pub const MAX_LINE_BYTES: usize = 8 * 1024 * 1024;
@@ -25,8 +87,10 @@ where
     let (rmcp_in, mut to_rmcp) = tokio::io::duplex(PIPE_BYTES);
     let (from_rmcp, rmcp_out) = tokio::io::duplex(PIPE_BYTES);
     let output = Arc::new(Mutex::new(output));
+    let pending = Arc::new(Pending::default());
 
     let out = output.clone();
+    let answered = pending.clone();
     tokio::spawn(async move {
         let mut lines = BufReader::new(from_rmcp);
         let mut line = Vec::new();
@@ -39,9 +103,16 @@ where
                     if w.write_all(&line).await.is_err() || w.flush().await.is_err() {
                         break;
                     }
+                    drop(w);
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&line) {
+                        answered.answers_in(&v);
+                    }
                 }
             }
         }
+        // rmcp is gone (or stdout is): nothing more will be answered.
+        answered.ids.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        answered.changed.notify_waiters();
     });
 
     tokio::spawn(async move {
@@ -70,8 +141,9 @@ where
             if text.is_empty() {
                 continue;
             }
-            match serde_json::from_slice::<serde::de::IgnoredAny>(text) {
-                Ok(_) => {
+            match serde_json::from_slice::<serde_json::Value>(text) {
+                Ok(message) => {
+                    pending.requests_in(&message);
                     if to_rmcp.write_all(text).await.is_err() || to_rmcp.write_all(b"\n").await.is_err() {
                         break;
                     }
@@ -82,7 +154,8 @@ where
                 }
             }
         }
-        // Closing the pipe tells rmcp the client went away.
+        // Answer what was asked, then close the pipe: that tells rmcp the client went away.
+        let _ = tokio::time::timeout(DRAIN_TIMEOUT, pending.drained()).await;
         let _ = to_rmcp.shutdown().await;
     });
 
@@ -131,5 +204,26 @@ mod tests {
         let mut forwarded = vec![0u8; 256];
         let n = rmcp_in.read(&mut forwarded).await.unwrap();
         assert_eq!(&forwarded[..n], b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\n");
+    }
+
+    #[tokio::test]
+    async fn end_of_input_waits_for_outstanding_answers() {
+        let (mut client_in, relay_in) = tokio::io::duplex(4096);
+        let (relay_out, mut client_out) = tokio::io::duplex(4096);
+        let (mut rmcp_in, mut rmcp_out) = relay(relay_in, relay_out);
+        client_in.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":\"a\",\"method\":\"tools/list\"}\n").await.unwrap();
+        drop(client_in);
+        let mut buf = vec![0u8; 256];
+        let n = rmcp_in.read(&mut buf).await.unwrap();
+        assert!(n > 0);
+        // The request is outstanding, so rmcp's input stays open.
+        let early = tokio::time::timeout(Duration::from_millis(100), rmcp_in.read(&mut buf)).await;
+        assert!(early.is_err(), "input closed before the answer");
+        rmcp_out.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":\"a\",\"result\":{}}\n").await.unwrap();
+        let n = client_out.read(&mut buf).await.unwrap();
+        assert!(std::str::from_utf8(&buf[..n]).unwrap().contains("\"result\""));
+        // Answered: now the end of input reaches rmcp.
+        let n = tokio::time::timeout(Duration::from_secs(5), rmcp_in.read(&mut buf)).await.unwrap().unwrap();
+        assert_eq!(n, 0);
     }
 }
