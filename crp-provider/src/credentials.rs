@@ -365,18 +365,30 @@ pub async fn open_current(
     let Some((sv, sc)) = row else {
         return Err(StoreError::Corrupt(format!("credential `{key}`: current version missing")));
     };
+    let (value, config) = unseal(dk, key, rec.version, &sv, &sc)?;
+    Ok(Some((rec, value, config)))
+}
+
+/// Open the sealed value and configuration of version `version` of `key`.
+pub(crate) fn unseal(
+    dk: &Key32,
+    key: &str,
+    version: i64,
+    sealed_value: &[u8],
+    sealed_config: &[u8],
+) -> Result<(SecretValue, CredentialConfig), StoreError> {
     let value = dk
-        .open(&aad("cred-value", key, rec.version), &sv)
+        .open(&aad("cred-value", key, version), sealed_value)
         .map_err(|e| StoreError::Corrupt(format!("credential `{key}`: {e}")))?;
     let value = SecretValue::new(
         String::from_utf8(value.to_vec()).map_err(|_| StoreError::Corrupt(format!("credential `{key}`: value not UTF-8")))?,
     );
     let config = dk
-        .open(&aad("cred-config", key, rec.version), &sc)
+        .open(&aad("cred-config", key, version), sealed_config)
         .map_err(|e| StoreError::Corrupt(format!("credential `{key}`: {e}")))?;
     let config: CredentialConfig =
         serde_json::from_slice(&config).map_err(|_| StoreError::Corrupt(format!("credential `{key}`: bad config")))?;
-    Ok(Some((rec, value, config)))
+    Ok((value, config))
 }
 
 /// Delete a credential and all its versions. Returns whether it existed.

@@ -51,7 +51,8 @@ impl LeaseState {
             Self::Expired => "expired",
         }
     }
-    fn parse(s: &str) -> Option<Self> {
+    /// The state stored under `s`.
+    pub(crate) fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "active" => Self::Active,
             "released" => Self::Released,

@@ -10,6 +10,7 @@
 //! - [`credentials`], [`leases`], [`audit`], [`agents`]: the records, each sealed or hashed
 //!   where it holds anything sensitive;
 //! - `policy` (Cedar) and `broker` (OAuth2 client credentials);
+//! - [`proxy_lookup`]: the proxy's one-query read of a lease, its agent and its credential;
 //! - `vault`: the facade the HTTP server, the MCP adapter and the CLI call.
 //!
 //! Credential values exist in clear only in memory, inside `SecretValue`, between the vault
@@ -26,5 +27,6 @@ pub mod crypto;
 pub mod http;
 pub mod leases;
 pub mod policy;
+pub mod proxy_lookup;
 pub mod store;
 pub mod vault;

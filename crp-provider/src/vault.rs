@@ -39,6 +39,7 @@ use crate::config::{Config, Paths, PROVIDER_MAX_DELEGATION_DEPTH};
 use crate::credentials::{self, CredentialConfig, CredentialKind, CredentialRecord, NewCredential};
 use crate::crypto::{self, KdfParams, KekInput, Key32, KeyEnvelope};
 use crate::leases::{self, Caps, LeaseError, LeaseRecord, LeaseState, NewLease};
+use crate::proxy_lookup;
 use crate::policy::{Action, AuthzContext, CredentialAttrs, Decision, Outcome, PolicyEngine};
 use crate::store::{Store, now_ms, rfc3339};
 
@@ -1335,7 +1336,7 @@ impl Vault {
     /// on the next request.
     pub async fn proxy_grant(&self, lease_id: &str, session_token: &str) -> Result<ProxyGrant, ProxyDenied> {
         let store = &self.inner.store;
-        let l = leases::get(store, lease_id).await.map_err(|e| {
+        let l = proxy_lookup::lookup(store, &self.inner.dk, lease_id).await.map_err(|e| {
             tracing::error!(target: "crp_provider::vault", "proxy lease lookup failed: {e}");
             ProxyDenied::new(503, "provider_error", "provider error: storage failure")
         })?;
@@ -1358,31 +1359,21 @@ impl Vault {
             LeaseState::Active => {}
         }
         // Disabling an agent cuts off its leases at once.
-        match agents::get(store, &l.agent).await {
-            Ok(Some(a)) if a.status != AgentStatus::Active => {
-                return Err(ProxyDenied::new(403, "agent_disabled", format!("agent is {}", a.status.as_str())));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(target: "crp_provider::vault", "proxy agent lookup failed: {e}");
-                return Err(ProxyDenied::new(503, "provider_error", "provider error: storage failure"));
-            }
+        if let Some(status) = l.agent_status.filter(|s| *s != AgentStatus::Active) {
+            return Err(ProxyDenied::new(403, "agent_disabled", format!("agent is {}", status.as_str())));
         }
-        let opened = credentials::open_current(store, &self.inner.dk, &l.credential_key).await.map_err(|e| {
-            tracing::error!(target: "crp_provider::vault", "proxy credential open failed: {e}");
-            ProxyDenied::new(503, "provider_error", "provider error: storage failure")
-        })?;
-        let Some((cred, value, config)) = opened else {
+        let Some(cred) = l.credential else {
             return Err(ProxyDenied::new(403, "credential_deleted", "the credential behind this lease was deleted"));
         };
         if cred.is_expired(now) {
             return Err(ProxyDenied::new(403, "credential_expired", "the stored credential has expired"));
         }
+        let config = cred.config;
         let Some(upstream) = config.upstream.clone() else {
             return Err(ProxyDenied::new(502, "no_upstream", "the credential has no upstream URL configured"));
         };
         let (secret, brokered) = if cred.kind.brokered() {
-            let cc = client_credentials(&config, value).map_err(|m| ProxyDenied::new(502, "broker_failure", m))?;
+            let cc = client_credentials(&config, cred.value).map_err(|m| ProxyDenied::new(502, "broker_failure", m))?;
             let b = self.broker().map_err(|m| ProxyDenied::new(502, "broker_failure", format!("broker failure: {m}")))?;
             let tok = b
                 .token(&cred.key, &cc)
@@ -1390,7 +1381,7 @@ impl Vault {
                 .map_err(|e| ProxyDenied::new(502, "broker_failure", format!("broker failure: {e}")))?;
             (tok, true)
         } else {
-            (value, false)
+            (cred.value, false)
         };
         Ok(ProxyGrant {
             lease_id: l.id,
