@@ -143,14 +143,8 @@ fn our_provider_passes_full_tier_over_mcp() {
         fixtures.to_str().expect("utf-8 path"), "--audit-wait", "6", "--timeout", "3",
     ]);
     let log = std::fs::read_to_string(tmp.path().join("mcp.log")).unwrap_or_default();
-    // Known provider bug, reported (not hidden): crp-mcp does not answer a line that is not
-    // JSON with -32700 (JSON-RPC 2.0 §5.1); it stays silent. Remove the entry once fixed.
-    let known = ["jsonrpc.parse-error"];
-    let unexpected: Vec<&String> = blocking.iter().filter(|b| !known.contains(&b.as_str())).collect();
-    assert!(unexpected.is_empty(), "crp-conformance against crp-mcp (exit {code}), new failures {unexpected:?}:\n{text}\n--- crp-mcp log ---\n{log}");
-    for k in known.iter().filter(|k| !blocking.iter().any(|b| b == *k)) {
-        eprintln!("note: known crp-mcp failure `{k}` now passes; remove it from the list");
-    }
+    assert!(blocking.is_empty(), "crp-conformance against crp-mcp (exit {code}), failures {blocking:?}:\n{text}\n--- crp-mcp log ---\n{log}");
+    assert_eq!(code, 0, "{text}");
     assert!(report["totals"]["pass"].as_u64().unwrap_or(0) >= 90, "{text}");
 }
 
@@ -170,17 +164,8 @@ fn our_provider_passes_full_tier_over_stdio() {
         "--stdio", &cmd, "--discovery", &discovery, "--tier", "full", "--upstream", &upstream,
         "--fixtures", fixtures.to_str().expect("utf-8 path"), "--audit-wait", "6",
     ]);
-    // Known provider bug, reported (not hidden): over `serve --stdio --dev` the caller is the
-    // local owner, whom the starter policy (`owner-manage`) permits everything, so the
-    // fixtures' deny / require_approval / quarantine outcomes are not applied. Over HTTP in
-    // --dev the caller is `dev`, which gets the fixture outcomes, and passes. Remove the
-    // entries once the stdio dev caller gets the fixture outcomes.
-    let known = ["list.hides-denied", "outcome.require-approval", "outcome.quarantine", "policy.denied", "audit.denied-recorded"];
-    let unexpected: Vec<&String> = blocking.iter().filter(|b| !known.contains(&b.as_str())).collect();
-    assert!(unexpected.is_empty(), "crp-conformance against crp-provider --stdio (exit {code}), new failures {unexpected:?}:\n{text}");
-    for k in known.iter().filter(|k| !blocking.iter().any(|b| b == *k)) {
-        eprintln!("note: known stdio failure `{k}` now passes; remove it from the list");
-    }
+    assert!(blocking.is_empty(), "crp-conformance against crp-provider --stdio (exit {code}), failures {blocking:?}:\n{text}");
+    assert_eq!(code, 0, "{text}");
     // stdio carries no version: the v0.1 cases and the negotiation cases are skipped, the rest pass.
     assert!(report["totals"]["pass"].as_u64().unwrap_or(0) >= 80, "{text}");
 }
