@@ -32,6 +32,12 @@ pub enum ErrorCode {
     InvalidParams,
     /// -32603: a fault of the provider's own.
     InternalError,
+    /// -32001 (ours, JSON-RPC server-error range): the HTTP caller could not be authenticated
+    /// (sent with HTTP 401; no method ran).
+    AuthFailure,
+    /// -32002 (ours, JSON-RPC server-error range): the authenticated agent lacks the scope a
+    /// method needs (sent with HTTP 403; no method ran).
+    ScopeMissing,
     /// -33001: no common version.
     VersionMismatch,
     /// -33002: the service is unknown (or invisible to this caller).
@@ -68,12 +74,14 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code, for registries and docs.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 23] = [
         Self::ParseError,
         Self::InvalidRequest,
         Self::MethodNotFound,
         Self::InvalidParams,
         Self::InternalError,
+        Self::AuthFailure,
+        Self::ScopeMissing,
         Self::VersionMismatch,
         Self::ServiceNotFound,
         Self::PolicyDenied,
@@ -100,6 +108,8 @@ impl ErrorCode {
             Self::MethodNotFound => -32601,
             Self::InvalidParams => -32602,
             Self::InternalError => -32603,
+            Self::AuthFailure => -32001,
+            Self::ScopeMissing => -32002,
             Self::VersionMismatch => -33001,
             Self::ServiceNotFound => -33002,
             Self::PolicyDenied => -33003,
@@ -127,6 +137,8 @@ impl ErrorCode {
             Self::MethodNotFound => "method_not_found",
             Self::InvalidParams => "invalid_params",
             Self::InternalError => "internal_error",
+            Self::AuthFailure => "auth_failure",
+            Self::ScopeMissing => "scope",
             Self::VersionMismatch => "version_mismatch",
             Self::ServiceNotFound => "service_not_found",
             Self::PolicyDenied => "policy_denied",

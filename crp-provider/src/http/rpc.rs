@@ -34,10 +34,10 @@ use super::auth::{AuthError, SignedParts, required_scope, scope_granted};
 /// The request header carrying the caller's protocol version.
 pub const VERSION_HEADER: &str = "crp-version";
 
-/// JSON-RPC code for an authentication failure (implementation-defined server error range).
-pub const AUTH_FAILURE_CODE: i64 = -32001;
-/// JSON-RPC code for a missing scope.
-pub const SCOPE_CODE: i64 = -32002;
+/// JSON-RPC code for an authentication failure (crp-core's registry: `auth_failure`).
+pub const AUTH_FAILURE_CODE: i64 = crp_core::ErrorCode::AuthFailure.code();
+/// JSON-RPC code for a missing scope (crp-core's registry: `scope`).
+pub const SCOPE_CODE: i64 = crp_core::ErrorCode::ScopeMissing.code();
 
 fn rpc_json(status: StatusCode, body: String, version: Option<Version>) -> Response {
     let mut resp = (status, [(http::header::CONTENT_TYPE, "application/json")], body).into_response();
