@@ -52,7 +52,7 @@ use http_body_util::{BodyExt, Limited};
 use super::backend::{Backend, ProxyAuditRecord, ProxyGrant};
 use super::egress::{self, Allowance};
 use super::metrics::Metrics;
-use super::redact::{self, Redactor};
+use super::redact::{self, Redactor, percent_encode};
 use super::{AppState, PROXY_PREFIX, json_error};
 
 /// Request headers never forwarded: they could carry the caller's own credentials (or the
@@ -131,18 +131,6 @@ fn connection_listed(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// Percent-encode a query component (RFC 3986 unreserved kept).
-fn encode_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
 
 fn decode_component(s: &str) -> String {
     let bytes = s.as_bytes();
@@ -176,7 +164,7 @@ fn query_with_injected(query: Option<&str>, name: &str, secret: &str) -> String 
         .filter(|p| !p.is_empty())
         .filter(|p| decode_component(p.split_once('=').map(|(k, _)| k).unwrap_or(p)) != name)
         .collect();
-    let injected = format!("{}={}", encode_component(name), encode_component(secret));
+    let injected = format!("{}={}", percent_encode(name), percent_encode(secret));
     parts.push(&injected);
     parts.join("&")
 }

@@ -22,7 +22,9 @@ pub const REPLACEMENT: &[u8] = b"[REDACTED]";
 /// Shortest form worth redacting: shorter ones would mangle ordinary text.
 const MIN_PATTERN: usize = 4;
 
-fn percent_encode(s: &str) -> String {
+/// Percent-encode a query component (RFC 3986 unreserved characters kept): how the proxy
+/// injects a query-parameter credential, and so one of the forms redaction looks for.
+pub(crate) fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len() * 3);
     for b in s.bytes() {
         if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
