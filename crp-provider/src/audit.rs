@@ -21,6 +21,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::crypto::{Key32, hmac_sha256};
+use crate::leases::{LeaseConn, LeaseError, LeaseOp, LeaseOutcome};
 use crate::store::{Engine, Store, StoreError, now_ms, parse_rfc3339, rfc3339, with_pool, with_write_tx};
 
 /// Event names (v0.1 §10.1 and this implementation's additions).
@@ -155,10 +156,36 @@ impl From<sqlx::Error> for AuditError {
     }
 }
 
+/// Why an entry (with its lease mutation, if any) was not committed.
+#[derive(Debug)]
+pub enum AppendError {
+    /// The lease mutation was refused (e.g. the lease had already ended) or failed in storage;
+    /// neither it nor its audit entry was written.
+    Lease(LeaseError),
+    /// The audit entry could not be made durable; the lease mutation was rolled back with it.
+    Audit(AuditError),
+}
+
+type Ack = Result<(i64, Option<LeaseOutcome>), AppendError>;
+
 struct Req {
     rec: AuditRecord,
     ts: i64,
-    done: oneshot::Sender<Result<i64, String>>,
+    op: Option<LeaseOp>,
+    done: oneshot::Sender<Ack>,
+}
+
+/// A failed batch transaction: the message, and the item whose lease mutation failed in
+/// storage (if that was the cause).
+struct BatchFail {
+    msg: String,
+    culprit: Option<(usize, LeaseError)>,
+}
+
+impl From<sqlx::Error> for BatchFail {
+    fn from(e: sqlx::Error) -> Self {
+        Self { msg: e.to_string(), culprit: None }
+    }
 }
 
 /// Handle on the group-commit writer. Cloning shares the writer.
@@ -249,40 +276,69 @@ fn row_canonical(r: &Row) -> Vec<u8> {
     )
 }
 
-async fn write_batch(store: &Store, key: &Key32, batch: &[Req]) -> Result<Vec<i64>, String> {
+/// Write `batch` in one transaction: first each item's lease mutation (in queue order), then
+/// the audit entries of every item whose mutation was not refused, chained, then the head.
+/// Returns one result per item: `Ok((seq, outcome))`, or `Err` for a refused mutation (that
+/// item gets no entry). A storage error anywhere rolls the whole batch back.
+async fn write_batch(
+    store: &Store,
+    key: &Key32,
+    batch: &[Req],
+) -> Result<Vec<Result<(i64, Option<LeaseOutcome>), LeaseError>>, BatchFail> {
     let lock_pg = store.engine() == Engine::Postgres;
-    let res: Result<Vec<i64>, sqlx::Error> = async {
-        let seqs = with_write_tx!(store, |tx| {
-            if lock_pg {
-                sqlx::query("SELECT pg_advisory_xact_lock(770002)").execute(&mut *tx).await?;
+    let out = with_write_tx!(store, |tx| {
+        if lock_pg {
+            sqlx::query("SELECT pg_advisory_xact_lock(770002)").execute(&mut *tx).await?;
+        }
+        // Lease mutations first: an entry is only written for a mutation that happened.
+        let mut results: Vec<Result<Option<LeaseOutcome>, LeaseError>> = Vec::with_capacity(batch.len());
+        for (i, r) in batch.iter().enumerate() {
+            match &r.op {
+                None => results.push(Ok(None)),
+                Some(op) => match LeaseConn::apply_op(&mut *tx, op).await {
+                    Ok(o) => results.push(Ok(Some(o))),
+                    Err(LeaseError::Store(e)) => {
+                        return Err(BatchFail { msg: e.to_string(), culprit: Some((i, LeaseError::Store(e))) });
+                    }
+                    Err(e) => results.push(Err(e)),
+                },
             }
-            let last: Option<(i64, Vec<u8>)> =
-                sqlx::query_as("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetch_optional(&mut *tx).await?;
-            let (mut seq, mut prev) = last.unwrap_or((0, vec![0u8; 32]));
-            let mut rows = Vec::with_capacity(batch.len());
-            let mut seqs = Vec::with_capacity(batch.len());
-            for r in batch {
-                seq += 1;
-                let detail = serde_json::to_string(&r.rec.detail).unwrap_or_else(|_| "{}".into());
-                let c = canonical(
-                    seq,
-                    r.ts,
-                    &r.rec.action,
-                    &r.rec.requester,
-                    &r.rec.decision,
-                    r.rec.policy.as_deref(),
-                    r.rec.key.as_deref(),
-                    r.rec.service.as_deref(),
-                    r.rec.lease_id.as_deref(),
-                    r.rec.purpose.as_deref(),
-                    r.rec.trace_id.as_deref(),
-                    &detail,
-                );
-                let mac = hmac_sha256(key.bytes(), &[&prev, &c]).to_vec();
-                prev = mac.clone();
-                rows.push((seq, r, detail, mac));
-                seqs.push(seq);
-            }
+        }
+        let last: Option<(i64, Vec<u8>)> =
+            sqlx::query_as("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetch_optional(&mut *tx).await?;
+        let (mut seq, mut prev) = last.unwrap_or((0, vec![0u8; 32]));
+        let mut rows = Vec::with_capacity(batch.len());
+        let mut out = Vec::with_capacity(batch.len());
+        for (r, res) in batch.iter().zip(results) {
+            let outcome = match res {
+                Ok(o) => o,
+                Err(e) => {
+                    out.push(Err(e));
+                    continue;
+                }
+            };
+            seq += 1;
+            let detail = serde_json::to_string(&r.rec.detail).unwrap_or_else(|_| "{}".into());
+            let c = canonical(
+                seq,
+                r.ts,
+                &r.rec.action,
+                &r.rec.requester,
+                &r.rec.decision,
+                r.rec.policy.as_deref(),
+                r.rec.key.as_deref(),
+                r.rec.service.as_deref(),
+                r.rec.lease_id.as_deref(),
+                r.rec.purpose.as_deref(),
+                r.rec.trace_id.as_deref(),
+                &detail,
+            );
+            let mac = hmac_sha256(key.bytes(), &[&prev, &c]).to_vec();
+            prev = mac.clone();
+            rows.push((seq, r, detail, mac));
+            out.push(Ok((seq, outcome)));
+        }
+        if !rows.is_empty() {
             let mut qb = sqlx::QueryBuilder::new(
                 "INSERT INTO audit (seq, ts, action, requester, decision, policy, key, service, lease_id, purpose, trace_id, detail, mac) ",
             );
@@ -308,12 +364,56 @@ async fn write_batch(store: &Store, key: &Key32, batch: &[Req]) -> Result<Vec<i6
             .bind(head_bytes(seq, &prev))
             .execute(&mut *tx)
             .await?;
-            seqs
-        });
-        Ok(seqs)
+        }
+        out
+    });
+    Ok(out)
+}
+
+/// Commit `buf` and acknowledge every caller. One transaction for the whole batch; if it
+/// fails, each item is retried alone (its own transaction), so one bad item cannot fail its
+/// neighbours and each caller gets its own result.
+async fn commit_and_ack(store: &Store, key: &Key32, stats: &Stats, buf: &mut Vec<Req>) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let count = |results: &[Result<(i64, Option<LeaseOutcome>), LeaseError>]| {
+        stats.batches.fetch_add(1, Relaxed);
+        stats.entries.fetch_add(results.iter().filter(|r| r.is_ok()).count() as u64, Relaxed);
+    };
+    match write_batch(store, key, buf).await {
+        Ok(results) => {
+            count(&results);
+            for (r, res) in buf.drain(..).zip(results) {
+                let _ = r.done.send(res.map_err(AppendError::Lease));
+            }
+        }
+        Err(first) if buf.len() == 1 => {
+            let r = buf.remove(0);
+            let _ = r.done.send(Err(fail_to_error(first)));
+        }
+        Err(_) => {
+            for r in buf.drain(..) {
+                let one = std::slice::from_ref(&r);
+                let ack = match write_batch(store, key, one).await {
+                    Ok(mut results) => {
+                        count(&results);
+                        match results.pop() {
+                            Some(res) => res.map_err(AppendError::Lease),
+                            None => Err(AppendError::Audit(AuditError::Write("audit writer lost an entry".into()))),
+                        }
+                    }
+                    Err(f) => Err(fail_to_error(f)),
+                };
+                let _ = r.done.send(ack);
+            }
+        }
     }
-    .await;
-    res.map_err(|e| e.to_string())
+}
+
+fn fail_to_error(f: BatchFail) -> AppendError {
+    match f.culprit {
+        Some((_, e)) => AppendError::Lease(e),
+        None => AppendError::Audit(AuditError::Write(f.msg)),
+    }
 }
 
 impl AuditLog {
@@ -325,18 +425,7 @@ impl AuditLog {
         let handle = tokio::spawn(async move {
             let mut buf: Vec<Req> = Vec::with_capacity(256);
             while rx.recv_many(&mut buf, 256).await > 0 {
-                let res = write_batch(&store, &key, &buf).await;
-                if res.is_ok() {
-                    st.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    st.entries.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                }
-                for (i, r) in buf.drain(..).enumerate() {
-                    let ack = match &res {
-                        Ok(seqs) => Ok(seqs[i]),
-                        Err(e) => Err(e.clone()),
-                    };
-                    let _ = r.done.send(ack);
-                }
+                commit_and_ack(&store, &key, &st, &mut buf).await;
             }
         });
         (Self { tx, stats }, handle)
@@ -355,17 +444,31 @@ impl AuditLog {
         self.tx.max_capacity() - self.tx.capacity()
     }
 
+    async fn submit(&self, rec: AuditRecord, op: Option<LeaseOp>) -> Ack {
+        let (done, wait) = oneshot::channel();
+        let stopped = || AppendError::Audit(AuditError::Write("audit writer stopped".into()));
+        self.tx.send(Req { rec, ts: now_ms(), op, done }).await.map_err(|_| stopped())?;
+        wait.await.map_err(|_| stopped())?
+    }
+
     /// Append an entry and wait until it is durable. Returns its sequence number.
     pub async fn append(&self, rec: AuditRecord) -> Result<i64, AuditError> {
-        let (done, wait) = oneshot::channel();
-        self.tx
-            .send(Req { rec, ts: now_ms(), done })
-            .await
-            .map_err(|_| AuditError::Write("audit writer stopped".into()))?;
-        match wait.await {
-            Ok(Ok(seq)) => Ok(seq),
-            Ok(Err(e)) => Err(AuditError::Write(e)),
-            Err(_) => Err(AuditError::Write("audit writer stopped".into())),
+        match self.submit(rec, None).await {
+            Ok((seq, _)) => Ok(seq),
+            Err(AppendError::Audit(e)) => Err(e),
+            // Unreachable without an op; reported as a write failure all the same.
+            Err(AppendError::Lease(e)) => Err(AuditError::Write(e.to_string())),
+        }
+    }
+
+    /// Run the lease mutation `op` and append `rec` in the same group-committed transaction:
+    /// both are durable together or neither is (no lease change without its audit entry).
+    /// Concurrent callers share the writer's transaction and its fsync. A refused mutation
+    /// (lease ended, parent revoked, ...) writes nothing and returns [`AppendError::Lease`].
+    pub async fn append_with(&self, rec: AuditRecord, op: LeaseOp) -> Result<(i64, LeaseOutcome), AppendError> {
+        match self.submit(rec, Some(op)).await? {
+            (seq, Some(o)) => Ok((seq, o)),
+            (_, None) => Err(AppendError::Audit(AuditError::Write("audit writer lost a lease outcome".into()))),
         }
     }
 }

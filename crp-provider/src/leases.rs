@@ -348,11 +348,11 @@ macro_rules! insert_lease {
     };
 }
 
-/// Insert a root lease at `now`; `max_depth` is the provider's delegation cap for its chain.
-pub async fn insert_root(store: &Store, l: &NewLease, max_depth: u32, now: i64) -> Result<LeaseRecord, LeaseError> {
+/// The record of a new root lease granted at `now` (pure; nothing is written).
+pub fn root_record(l: &NewLease, max_depth: u32, now: i64) -> LeaseRecord {
     let expires_at = now + i64::from(l.ttl) * 1000;
     let max_expires_at = (now + i64::from(l.caps.max_lease_lifetime) * 1000).max(expires_at);
-    let rec = LeaseRecord {
+    LeaseRecord {
         id: l.id.clone(),
         credential_key: l.credential_key.clone(),
         service: l.service.clone(),
@@ -371,11 +371,153 @@ pub async fn insert_root(store: &Store, l: &NewLease, max_depth: u32, now: i64) 
         end_reason: None,
         purpose: l.purpose.clone(),
         consumer: l.consumer.clone(),
-    };
-    with_write_tx!(store, |tx| {
-        insert_lease!(&mut *tx, rec);
-    });
-    Ok(rec)
+    }
+}
+
+/// A lease mutation that can run inside someone else's write transaction (the audit writer's
+/// group commit, see `audit.rs`), or alone in its own ([`apply`]).
+#[derive(Debug, Clone)]
+pub enum LeaseOp {
+    /// Insert this root lease (built with [`root_record`]).
+    InsertRoot(LeaseRecord),
+    /// Insert a delegated child of `parent_id`, re-checking the parent inside the transaction.
+    InsertChild {
+        /// Parent lease id.
+        parent_id: String,
+        /// The child.
+        lease: NewLease,
+        /// Requested TTL.
+        requested_ttl: Option<u32>,
+        /// Requested chain limit.
+        requested_max_depth: Option<u32>,
+        /// Provider delegation cap.
+        provider_cap: u32,
+        /// Clock (unix ms).
+        now: i64,
+    },
+    /// Release `id` (and revoke its delegated descendants).
+    Release {
+        /// Lease id.
+        id: String,
+        /// Clock (unix ms).
+        now: i64,
+    },
+}
+
+/// What a [`LeaseOp`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseOutcome {
+    /// The lease inserted.
+    Inserted(LeaseRecord),
+    /// The descendants revoked with a released lease.
+    Released(Vec<String>),
+}
+
+/// Run `$op` (a `&LeaseOp`) on connection `$c` (`&mut SqliteConnection` / `&mut PgConnection`).
+/// Every refusal is detected by reads before anything is written, so a refused op leaves the
+/// surrounding transaction usable (also on PostgreSQL).
+macro_rules! apply_op_body {
+    ($c:ident, $op:expr) => {{
+        match $op {
+            LeaseOp::InsertRoot(rec) => {
+                insert_lease!(&mut *$c, rec);
+                Ok(LeaseOutcome::Inserted(rec.clone()))
+            }
+            LeaseOp::InsertChild { parent_id, lease: l, requested_ttl, requested_max_depth, provider_cap, now } => {
+                let now = *now;
+                let parent: LeaseRecord = get_lease!(&mut *$c, parent_id.as_str()).ok_or(LeaseError::NotFound)?;
+                let plan = plan_child(&parent, &l.scopes, *requested_ttl, *requested_max_depth, &l.caps, *provider_cap, now)?;
+                let rec = LeaseRecord {
+                    id: l.id.clone(),
+                    credential_key: parent.credential_key.clone(),
+                    service: parent.service.clone(),
+                    agent: l.agent.clone(),
+                    parent_id: Some(parent.id.clone()),
+                    depth: plan.depth,
+                    max_depth: plan.max_depth,
+                    scopes: plan.scopes,
+                    token_hash: l.token_hash.clone(),
+                    state: LeaseState::Active,
+                    ttl: plan.ttl,
+                    created_at: now,
+                    expires_at: plan.expires_at,
+                    max_expires_at: plan.max_expires_at,
+                    ended_at: None,
+                    end_reason: None,
+                    purpose: l.purpose.clone(),
+                    consumer: l.consumer.clone(),
+                };
+                insert_lease!(&mut *$c, rec);
+                Ok(LeaseOutcome::Inserted(rec))
+            }
+            LeaseOp::Release { id, now } => {
+                let now = *now;
+                let l: LeaseRecord = get_lease!(&mut *$c, id.as_str()).ok_or(LeaseError::NotFound)?;
+                check_usable(&l, now)?;
+                let mut ids: Vec<String> = sqlx::query_scalar(SUBTREE_END)
+                    .bind(id.as_str())
+                    .bind("revoked")
+                    .bind(now)
+                    .bind("released")
+                    .bind("parent_released")
+                    .fetch_all(&mut *$c)
+                    .await?;
+                sqlx::query("UPDATE leases SET state = 'released' WHERE id = $1").bind(id.as_str()).execute(&mut *$c).await?;
+                ids.retain(|x| x != id);
+                ids.sort();
+                Ok(LeaseOutcome::Released(ids))
+            }
+        }
+    }};
+}
+
+/// A connection a [`LeaseOp`] can run on (implemented for both engines' connections, so code
+/// written once over a `with_write_tx!` transaction can call it as `(&mut *tx).apply_op(op)`).
+pub trait LeaseConn: Send {
+    /// Run `op` on this connection (inside the caller's transaction).
+    fn apply_op<'a>(
+        &'a mut self,
+        op: &'a LeaseOp,
+    ) -> impl std::future::Future<Output = Result<LeaseOutcome, LeaseError>> + Send + 'a;
+}
+
+impl LeaseConn for sqlx::SqliteConnection {
+    fn apply_op<'a>(
+        &'a mut self,
+        op: &'a LeaseOp,
+    ) -> impl std::future::Future<Output = Result<LeaseOutcome, LeaseError>> + Send + 'a {
+        async move {
+            let c = self;
+            apply_op_body!(c, op)
+        }
+    }
+}
+
+impl LeaseConn for sqlx::PgConnection {
+    fn apply_op<'a>(
+        &'a mut self,
+        op: &'a LeaseOp,
+    ) -> impl std::future::Future<Output = Result<LeaseOutcome, LeaseError>> + Send + 'a {
+        async move {
+            let c = self;
+            apply_op_body!(c, op)
+        }
+    }
+}
+
+/// Run `op` in its own write transaction (without an audit entry; the vault uses the audit
+/// writer's [`crate::audit::AuditLog::append_with`] instead).
+pub async fn apply(store: &Store, op: &LeaseOp) -> Result<LeaseOutcome, LeaseError> {
+    let out = with_write_tx!(store, |tx| { LeaseConn::apply_op(&mut *tx, op).await? });
+    Ok(out)
+}
+
+/// Insert a root lease at `now`; `max_depth` is the provider's delegation cap for its chain.
+pub async fn insert_root(store: &Store, l: &NewLease, max_depth: u32, now: i64) -> Result<LeaseRecord, LeaseError> {
+    match apply(store, &LeaseOp::InsertRoot(root_record(l, max_depth, now))).await? {
+        LeaseOutcome::Inserted(rec) => Ok(rec),
+        LeaseOutcome::Released(_) => Err(LeaseError::Store(StoreError::Corrupt("unexpected lease outcome".into()))),
+    }
 }
 
 /// Insert a delegated child of `parent_id` at `now`, re-checking the parent inside the write
@@ -389,33 +531,18 @@ pub async fn insert_child(
     provider_cap: u32,
     now: i64,
 ) -> Result<LeaseRecord, LeaseError> {
-    let rec = with_write_tx!(store, |tx| {
-        let parent: LeaseRecord = get_lease!(&mut *tx, parent_id).ok_or(LeaseError::NotFound)?;
-        let plan = plan_child(&parent, &l.scopes, requested_ttl, requested_max_depth, &l.caps, provider_cap, now)?;
-        let rec = LeaseRecord {
-            id: l.id.clone(),
-            credential_key: parent.credential_key.clone(),
-            service: parent.service.clone(),
-            agent: l.agent.clone(),
-            parent_id: Some(parent.id.clone()),
-            depth: plan.depth,
-            max_depth: plan.max_depth,
-            scopes: plan.scopes,
-            token_hash: l.token_hash.clone(),
-            state: LeaseState::Active,
-            ttl: plan.ttl,
-            created_at: now,
-            expires_at: plan.expires_at,
-            max_expires_at: plan.max_expires_at,
-            ended_at: None,
-            end_reason: None,
-            purpose: l.purpose.clone(),
-            consumer: l.consumer.clone(),
-        };
-        insert_lease!(&mut *tx, rec);
-        rec
-    });
-    Ok(rec)
+    let op = LeaseOp::InsertChild {
+        parent_id: parent_id.to_string(),
+        lease: l.clone(),
+        requested_ttl,
+        requested_max_depth,
+        provider_cap,
+        now,
+    };
+    match apply(store, &op).await? {
+        LeaseOutcome::Inserted(rec) => Ok(rec),
+        LeaseOutcome::Released(_) => Err(LeaseError::Store(StoreError::Corrupt("unexpected lease outcome".into()))),
+    }
 }
 
 /// Read one lease.
@@ -479,23 +606,10 @@ const SUBTREE_END: &str = "WITH RECURSIVE sub(id) AS (
 /// Release `id` (the holder gives it up); its delegated descendants are revoked with it.
 /// Returns the descendants affected.
 pub async fn release(store: &Store, id: &str, now: i64) -> Result<Vec<String>, LeaseError> {
-    let affected = with_write_tx!(store, |tx| {
-        let l: LeaseRecord = get_lease!(&mut *tx, id).ok_or(LeaseError::NotFound)?;
-        check_usable(&l, now)?;
-        let mut ids: Vec<String> = sqlx::query_scalar(SUBTREE_END)
-            .bind(id)
-            .bind("revoked")
-            .bind(now)
-            .bind("released")
-            .bind("parent_released")
-            .fetch_all(&mut *tx)
-            .await?;
-        sqlx::query("UPDATE leases SET state = 'released' WHERE id = $1").bind(id).execute(&mut *tx).await?;
-        ids.retain(|x| x != id);
-        ids.sort();
-        ids
-    });
-    Ok(affected)
+    match apply(store, &LeaseOp::Release { id: id.to_string(), now }).await? {
+        LeaseOutcome::Released(ids) => Ok(ids),
+        LeaseOutcome::Inserted(_) => Err(LeaseError::Store(StoreError::Corrupt("unexpected lease outcome".into()))),
+    }
 }
 
 /// Revoke `id` and its whole subtree. Returns the descendants that were active and are now

@@ -766,6 +766,41 @@ impl Vault {
         self.inner.audit.append(rec).await.map_err(audit_refused)
     }
 
+    /// Run a lease mutation and its audit entry `entry` in one group-committed transaction of
+    /// the audit writer (atomic: no lease change without its entry; concurrent requests share
+    /// one fsync). A refused mutation is audited as `error` (from `err_template`, best effort
+    /// only in the sense that an unwritable audit refuses the request with -33010 instead).
+    async fn lease_op(
+        &self,
+        entry: AuditRecord,
+        err_template: AuditRecord,
+        op: leases::LeaseOp,
+        lease_id: &str,
+    ) -> Result<leases::LeaseOutcome, CrpError> {
+        match self.inner.audit.append_with(entry, op).await {
+            Ok((_, outcome)) => Ok(outcome),
+            Err(audit::AppendError::Audit(e)) => Err(audit_refused(e)),
+            Err(audit::AppendError::Lease(e)) => {
+                self.append(err_template.event(events::ERROR, "error").with("reason", e.to_string())).await?;
+                Err(lease_err(e, lease_id))
+            }
+        }
+    }
+
+    /// [`Vault::lease_op`] for an insert: the stored record.
+    async fn lease_insert(
+        &self,
+        entry: AuditRecord,
+        err_template: AuditRecord,
+        op: leases::LeaseOp,
+        lease_id: &str,
+    ) -> Result<LeaseRecord, CrpError> {
+        match self.lease_op(entry, err_template, op, lease_id).await? {
+            leases::LeaseOutcome::Inserted(rec) => Ok(rec),
+            leases::LeaseOutcome::Released(_) => Err(internal("storage failure")("unexpected lease outcome".into())),
+        }
+    }
+
     // ------------------------------------------------------------------ authorization
 
     async fn principal(&self, agent: &str, template: &AuditRecord) -> Result<Principal, CrpError> {
@@ -951,17 +986,12 @@ impl Vault {
             purpose: purpose.map(str::to_string),
             consumer: consumer.map(str::to_string),
         };
-        self.append(template.clone().policy(policy.as_deref()).lease(&lease_id).with("ttl", ttl).with("scopes", requested.clone()))
-            .await?;
         let depth_cap = self.depth_cap().await;
-        let rec = match leases::insert_root(store, &nl, depth_cap, now_ms()).await {
-            Ok(rec) => rec,
-            Err(e) => {
-                // The grant was audited but could not be stored: record that it did not happen.
-                let _ = self.inner.audit.append(template.event(events::ERROR, "error").lease(&lease_id).with("reason", "lease could not be stored")).await;
-                return Err(lease_err(e, &lease_id));
-            }
-        };
+        // The lease row and its `credential.leased` entry commit together in the audit
+        // writer's group commit.
+        let entry = template.clone().policy(policy.as_deref()).lease(&lease_id).with("ttl", ttl).with("scopes", requested.clone());
+        let op = leases::LeaseOp::InsertRoot(leases::root_record(&nl, depth_cap, now_ms()));
+        let rec = self.lease_insert(entry, template.lease(&lease_id), op, &lease_id).await?;
         Ok(self.use_result(&rec, cred, Some(token.to_string())))
     }
 
@@ -1039,12 +1069,19 @@ impl Vault {
             purpose: purpose.map(str::to_string),
             consumer: consumer.map(str::to_string),
         };
-        self.append(template.policy(policy.as_deref()).lease(&lease_id).with("depth", plan.depth).with("ttl", plan.ttl))
-            .await?;
         let _ = ctx;
-        let rec = leases::insert_child(store, &parent.id, &nl, p.ttl, del.max_depth, depth_cap, now_ms())
-            .await
-            .map_err(|e| lease_err(e, &parent.id))?;
+        // The parent is re-checked inside the writer's transaction (a concurrent revoke or
+        // release cannot be raced); the child and its `lease.delegated` entry commit together.
+        let entry = template.clone().policy(policy.as_deref()).lease(&lease_id).with("depth", plan.depth).with("ttl", plan.ttl);
+        let op = leases::LeaseOp::InsertChild {
+            parent_id: parent.id.clone(),
+            lease: nl,
+            requested_ttl: p.ttl,
+            requested_max_depth: del.max_depth,
+            provider_cap: depth_cap,
+            now: now_ms(),
+        };
+        let rec = self.lease_insert(entry, template.lease(&lease_id), op, &parent.id).await?;
         Ok(self.use_result(&rec, &cred, Some(token.to_string())))
     }
 
@@ -1114,8 +1151,9 @@ impl Vault {
                     self.append(template.event(events::ERROR, "error").with("reason", e.to_string())).await?;
                     return Err(lease_err(e, &l.id));
                 }
-                self.append(template.policy(policy.as_deref())).await?;
-                leases::release(store, &l.id, now).await.map_err(|e| lease_err(e, &l.id))?;
+                // The release and its `lease.released` entry commit together.
+                let op = leases::LeaseOp::Release { id: l.id.clone(), now };
+                self.lease_op(template.clone().policy(policy.as_deref()), template, op, &l.id).await?;
                 Ok(LeaseResult::Released(LeaseReleased { released: true, lease_id: l.id }))
             }
         }
@@ -1599,6 +1637,12 @@ impl Vault {
     /// Audit entries queued for the group-commit writer (for metrics).
     pub fn audit_queue_depth(&self) -> usize {
         self.inner.audit.queue_depth()
+    }
+
+    /// (transactions committed, entries written) by this process's audit writer since open.
+    /// Lease grants and releases ride in these transactions (group commit).
+    pub fn audit_stats(&self) -> (u64, u64) {
+        self.inner.audit.stats()
     }
 
     /// One lease.
