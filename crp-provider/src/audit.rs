@@ -21,7 +21,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::crypto::{Key32, hmac_sha256};
-use crate::leases::{LeaseConn, LeaseError, LeaseOp, LeaseOutcome};
+use crate::leases::{LeaseConn, LeaseError, LeaseOp, LeaseOutcome, LeaseRecord};
 use crate::store::{Engine, Store, StoreError, now_ms, parse_rfc3339, rfc3339, with_pool, with_write_tx};
 
 /// Event names (v0.1 §10.1 and this implementation's additions).
@@ -291,10 +291,25 @@ async fn write_batch(
             sqlx::query("SELECT pg_advisory_xact_lock(770002)").execute(&mut *tx).await?;
         }
         // Lease mutations first: an entry is only written for a mutation that happened.
+        // New root leases go in one multi-row statement. They can go first: no other op in
+        // the batch can name them, since their ids reach clients only after the commit.
+        let roots: Vec<&LeaseRecord> = batch
+            .iter()
+            .filter_map(|r| match &r.op {
+                Some(LeaseOp::InsertRoot(rec)) => Some(rec),
+                _ => None,
+            })
+            .collect();
+        if let Err(e) = LeaseConn::insert_roots(&mut *tx, &roots).await {
+            // Which item is at fault is only known when items are retried one by one.
+            let culprit = if batch.len() == 1 { Some((0, e)) } else { None };
+            return Err(BatchFail { msg: "lease insert failed".into(), culprit });
+        }
         let mut results: Vec<Result<Option<LeaseOutcome>, LeaseError>> = Vec::with_capacity(batch.len());
         for (i, r) in batch.iter().enumerate() {
             match &r.op {
                 None => results.push(Ok(None)),
+                Some(LeaseOp::InsertRoot(rec)) => results.push(Ok(Some(LeaseOutcome::Inserted(rec.clone())))),
                 Some(op) => match LeaseConn::apply_op(&mut *tx, op).await {
                     Ok(o) => results.push(Ok(Some(o))),
                     Err(LeaseError::Store(e)) => {

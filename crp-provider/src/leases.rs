@@ -452,22 +452,56 @@ macro_rules! apply_op_body {
             }
             LeaseOp::Release { id, now } => {
                 let now = *now;
-                let l: LeaseRecord = get_lease!(&mut *$c, id.as_str()).ok_or(LeaseError::NotFound)?;
-                check_usable(&l, now)?;
-                let mut ids: Vec<String> = sqlx::query_scalar(SUBTREE_END)
+                // The common case in one statement; a refusal is classified by a read after.
+                let hit: Option<String> = sqlx::query_scalar(RELEASE_ONE).bind(id.as_str()).bind(now).fetch_optional(&mut *$c).await?;
+                if hit.is_none() {
+                    let l: LeaseRecord = get_lease!(&mut *$c, id.as_str()).ok_or(LeaseError::NotFound)?;
+                    check_usable(&l, now)?;
+                    return Err(LeaseError::Expired);
+                }
+                let mut ids: Vec<String> = sqlx::query_scalar(DESCENDANTS_END)
                     .bind(id.as_str())
                     .bind("revoked")
                     .bind(now)
-                    .bind("released")
                     .bind("parent_released")
                     .fetch_all(&mut *$c)
                     .await?;
-                sqlx::query("UPDATE leases SET state = 'released' WHERE id = $1").bind(id.as_str()).execute(&mut *$c).await?;
-                ids.retain(|x| x != id);
                 ids.sort();
                 Ok(LeaseOutcome::Released(ids))
             }
         }
+    }};
+}
+
+/// Insert root lease records `$recs` (a non-empty slice of `&LeaseRecord`) on `$c` in one
+/// multi-row statement.
+macro_rules! insert_many_body {
+    ($c:ident, $recs:expr) => {{
+        let mut qb = sqlx::QueryBuilder::new(
+            "INSERT INTO leases (id, credential_key, service, agent, parent_id, depth, max_depth, scopes, token_hash, state, ttl, created_at, expires_at, max_expires_at, ended_at, end_reason, purpose, consumer) ",
+        );
+        qb.push_values($recs.iter(), |mut b, r: &&LeaseRecord| {
+            b.push_bind(r.id.clone())
+                .push_bind(r.credential_key.clone())
+                .push_bind(r.service.clone())
+                .push_bind(r.agent.clone())
+                .push_bind(r.parent_id.clone())
+                .push_bind(i64::from(r.depth))
+                .push_bind(i64::from(r.max_depth))
+                .push_bind(serde_json::to_string(&r.scopes).unwrap_or_else(|_| "[]".into()))
+                .push_bind(r.token_hash.clone())
+                .push_bind(r.state.as_str())
+                .push_bind(i64::from(r.ttl))
+                .push_bind(r.created_at)
+                .push_bind(r.expires_at)
+                .push_bind(r.max_expires_at)
+                .push_bind(r.ended_at)
+                .push_bind(r.end_reason.clone())
+                .push_bind(r.purpose.clone())
+                .push_bind(r.consumer.clone());
+        });
+        qb.build().execute(&mut *$c).await?;
+        Ok(())
     }};
 }
 
@@ -479,9 +513,29 @@ pub trait LeaseConn: Send {
         &'a mut self,
         op: &'a LeaseOp,
     ) -> impl std::future::Future<Output = Result<LeaseOutcome, LeaseError>> + Send + 'a;
+
+    /// Insert several root lease records (from [`root_record`]) in one statement; the same
+    /// as applying [`LeaseOp::InsertRoot`] to each, with one round trip. `recs` may be empty.
+    fn insert_roots<'a>(
+        &'a mut self,
+        recs: &'a [&'a LeaseRecord],
+    ) -> impl std::future::Future<Output = Result<(), LeaseError>> + Send + 'a;
 }
 
 impl LeaseConn for sqlx::SqliteConnection {
+    fn insert_roots<'a>(
+        &'a mut self,
+        recs: &'a [&'a LeaseRecord],
+    ) -> impl std::future::Future<Output = Result<(), LeaseError>> + Send + 'a {
+        async move {
+            if recs.is_empty() {
+                return Ok(());
+            }
+            let c = self;
+            insert_many_body!(c, recs)
+        }
+    }
+
     fn apply_op<'a>(
         &'a mut self,
         op: &'a LeaseOp,
@@ -494,6 +548,19 @@ impl LeaseConn for sqlx::SqliteConnection {
 }
 
 impl LeaseConn for sqlx::PgConnection {
+    fn insert_roots<'a>(
+        &'a mut self,
+        recs: &'a [&'a LeaseRecord],
+    ) -> impl std::future::Future<Output = Result<(), LeaseError>> + Send + 'a {
+        async move {
+            if recs.is_empty() {
+                return Ok(());
+            }
+            let c = self;
+            insert_many_body!(c, recs)
+        }
+    }
+
     fn apply_op<'a>(
         &'a mut self,
         op: &'a LeaseOp,
@@ -593,6 +660,20 @@ pub fn check_usable(l: &LeaseRecord, now: i64) -> Result<(), LeaseError> {
         LeaseState::Revoked => Err(LeaseError::Ended("revoked")),
     }
 }
+
+/// Release one usable lease (active, not past expiry at `$2`); returns its id when it did.
+const RELEASE_ONE: &str = "UPDATE leases SET state = 'released', ended_at = $2, end_reason = 'released'
+    WHERE id = $1 AND state = 'active' AND expires_at > $2 RETURNING id";
+
+/// End the active descendants of `$1` (not `$1` itself).
+const DESCENDANTS_END: &str = "WITH RECURSIVE sub(id) AS (
+        SELECT id FROM leases WHERE parent_id = $1
+        UNION ALL
+        SELECT l.id FROM leases l JOIN sub s ON l.parent_id = s.id
+    )
+    UPDATE leases SET state = $2, ended_at = $3, end_reason = $4
+    WHERE id IN (SELECT id FROM sub) AND state = 'active'
+    RETURNING id";
 
 const SUBTREE_END: &str = "WITH RECURSIVE sub(id) AS (
         SELECT id FROM leases WHERE id = $1
