@@ -10,8 +10,17 @@
 //!   acknowledgement; the writer takes everything queued (up to 256), writes it in one
 //!   transaction (`BEGIN IMMEDIATE` on SQLite, an advisory lock on PostgreSQL, so several
 //!   processes keep one chain), commits with `synchronous=FULL`, then acknowledges them all.
-//! - **Fail-closed.** An error from the writer reaches every caller in the batch; the vault then
-//!   refuses the operation (-33010).
+//! - **Lease mutations ride along.** An entry may carry a [`LeaseOp`] (new root lease, delegated
+//!   child, release; [`AuditLog::append_with`]). The writer runs the batch's mutations inside
+//!   the same transaction, before the entries (new root leases in one multi-row `INSERT`), so a
+//!   lease change and its audit entry are committed together or not at all (no lease without
+//!   its audit record), and concurrent `crp/use` / release calls share one fsync. A refused
+//!   mutation (lease already ended, parent revoked) writes no entry and is reported to its
+//!   caller alone.
+//! - **Per-item fallback.** If the batch transaction fails, each item is retried in its own
+//!   transaction, so one bad item cannot fail its neighbours; each caller gets its own result.
+//! - **Fail-closed.** An entry that cannot be written fails its caller; the vault then refuses
+//!   the operation (-33010), and a lease mutation queued with it is rolled back.
 //!
 //! An entry never holds a credential value: the types that reach this module carry ids, names,
 //! decisions and sizes only.

@@ -405,6 +405,8 @@ pub enum LeaseOp {
 }
 
 /// What a [`LeaseOp`] did.
+// One value per request, moved once: boxing the record would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LeaseOutcome {
     /// The lease inserted.
@@ -523,52 +525,32 @@ pub trait LeaseConn: Send {
 }
 
 impl LeaseConn for sqlx::SqliteConnection {
-    fn insert_roots<'a>(
-        &'a mut self,
-        recs: &'a [&'a LeaseRecord],
-    ) -> impl std::future::Future<Output = Result<(), LeaseError>> + Send + 'a {
-        async move {
-            if recs.is_empty() {
-                return Ok(());
-            }
-            let c = self;
-            insert_many_body!(c, recs)
+    async fn insert_roots<'a>(&'a mut self, recs: &'a [&'a LeaseRecord]) -> Result<(), LeaseError> {
+        if recs.is_empty() {
+            return Ok(());
         }
+        let c = self;
+        insert_many_body!(c, recs)
     }
 
-    fn apply_op<'a>(
-        &'a mut self,
-        op: &'a LeaseOp,
-    ) -> impl std::future::Future<Output = Result<LeaseOutcome, LeaseError>> + Send + 'a {
-        async move {
-            let c = self;
-            apply_op_body!(c, op)
-        }
+    async fn apply_op<'a>(&'a mut self, op: &'a LeaseOp) -> Result<LeaseOutcome, LeaseError> {
+        let c = self;
+        apply_op_body!(c, op)
     }
 }
 
 impl LeaseConn for sqlx::PgConnection {
-    fn insert_roots<'a>(
-        &'a mut self,
-        recs: &'a [&'a LeaseRecord],
-    ) -> impl std::future::Future<Output = Result<(), LeaseError>> + Send + 'a {
-        async move {
-            if recs.is_empty() {
-                return Ok(());
-            }
-            let c = self;
-            insert_many_body!(c, recs)
+    async fn insert_roots<'a>(&'a mut self, recs: &'a [&'a LeaseRecord]) -> Result<(), LeaseError> {
+        if recs.is_empty() {
+            return Ok(());
         }
+        let c = self;
+        insert_many_body!(c, recs)
     }
 
-    fn apply_op<'a>(
-        &'a mut self,
-        op: &'a LeaseOp,
-    ) -> impl std::future::Future<Output = Result<LeaseOutcome, LeaseError>> + Send + 'a {
-        async move {
-            let c = self;
-            apply_op_body!(c, op)
-        }
+    async fn apply_op<'a>(&'a mut self, op: &'a LeaseOp) -> Result<LeaseOutcome, LeaseError> {
+        let c = self;
+        apply_op_body!(c, op)
     }
 }
 
