@@ -647,6 +647,10 @@ pub fn check_usable(l: &LeaseRecord, now: i64) -> Result<(), LeaseError> {
 const RELEASE_ONE: &str = "UPDATE leases SET state = 'released', ended_at = $2, end_reason = 'released'
     WHERE id = $1 AND state = 'active' AND expires_at > $2 RETURNING id";
 
+// In the subtree updates below, `(state || '') = 'active'` rather than `state = 'active'`: with
+// the plain form SQLite drives the UPDATE by the (state, expires_at) index, i.e. it scans every
+// active lease of the vault on each release or revoke (scripts/bench.sh measured 4 ms with 10^4
+// active leases, 23 ms with 10^5); this keeps it on the primary key. PostgreSQL accepts the same.
 /// End the active descendants of `$1` (not `$1` itself).
 const DESCENDANTS_END: &str = "WITH RECURSIVE sub(id) AS (
         SELECT id FROM leases WHERE parent_id = $1
@@ -654,7 +658,7 @@ const DESCENDANTS_END: &str = "WITH RECURSIVE sub(id) AS (
         SELECT l.id FROM leases l JOIN sub s ON l.parent_id = s.id
     )
     UPDATE leases SET state = $2, ended_at = $3, end_reason = $4
-    WHERE id IN (SELECT id FROM sub) AND state = 'active'
+    WHERE id IN (SELECT id FROM sub) AND (state || '') = 'active'
     RETURNING id";
 
 const SUBTREE_END: &str = "WITH RECURSIVE sub(id) AS (
@@ -663,7 +667,7 @@ const SUBTREE_END: &str = "WITH RECURSIVE sub(id) AS (
         SELECT l.id FROM leases l JOIN sub s ON l.parent_id = s.id
     )
     UPDATE leases SET state = $2, ended_at = $3, end_reason = CASE WHEN id = $1 THEN $4 ELSE $5 END
-    WHERE id IN (SELECT id FROM sub) AND state = 'active'
+    WHERE id IN (SELECT id FROM sub) AND (state || '') = 'active'
     RETURNING id";
 
 /// Release `id` (the holder gives it up); its delegated descendants are revoked with it.
@@ -717,7 +721,7 @@ pub async fn revoke_prefix(store: &Store, prefix: &str, reason: &str, now: i64) 
             SELECT l.id FROM leases l JOIN sub s ON l.parent_id = s.id
         )
         UPDATE leases SET state = 'revoked', ended_at = $3, end_reason = $4
-        WHERE id IN (SELECT id FROM sub) AND state = 'active'
+        WHERE id IN (SELECT id FROM sub) AND (state || '') = 'active'
         RETURNING id";
     let len = i64::try_from(prefix.chars().count()).unwrap_or(i64::MAX);
     let mut ids: Vec<String> = with_write_tx!(store, |tx| {
