@@ -34,8 +34,10 @@ use http::{HeaderMap, Method, StatusCode, Uri};
 
 use super::backend::{AgentStatus, Backend};
 
-/// Most nonces remembered at once.
-pub const REPLAY_CAPACITY: usize = 100_000;
+/// Most nonces remembered at once. Nonces live for the ±300 s window, so this bounds sustained
+/// signed traffic at about 3,300 requests/s (past it the server answers 503 rather than forget a
+/// nonce inside its window); worst-case memory is on the order of 100 MiB.
+pub const REPLAY_CAPACITY: usize = 1_000_000;
 
 /// The agent unauthenticated loopback callers become under `serve --dev`.
 pub const DEV_AGENT: &str = "dev";
