@@ -383,6 +383,34 @@ fn ctx_fields(c: &Option<RequestContext>) -> (Option<&str>, Option<&str>, Option
     }
 }
 
+/// A fresh lease for `who` on `cred`: a 128-bit random id and a 256-bit session token. The
+/// token is returned once, to the caller; only its SHA-256 is stored.
+fn new_lease(
+    who: &Principal,
+    cred: &CredentialRecord,
+    scopes: Vec<String>,
+    ttl: u32,
+    caps: Caps,
+    purpose: Option<&str>,
+    consumer: Option<&str>,
+) -> Result<(NewLease, Zeroizing<String>), CrpError> {
+    let id = crypto::random_hex_id("lease_", 16).map_err(|e| internal("random generator failure")(e.to_string()))?;
+    let token = crypto::random_token("crpst_", 32).map_err(|e| internal("random generator failure")(e.to_string()))?;
+    let nl = NewLease {
+        id,
+        token_hash: crypto::sha256_hex(token.as_bytes()),
+        credential_key: cred.key.clone(),
+        service: cred.service.clone(),
+        agent: who.id.clone(),
+        scopes,
+        ttl,
+        caps,
+        purpose: purpose.map(str::to_string),
+        consumer: consumer.map(str::to_string),
+    };
+    Ok((nl, token))
+}
+
 fn internal(what: &'static str) -> impl FnOnce(String) -> CrpError {
     move |detail| {
         tracing::error!(target: "crp_provider::vault", "{what}: {detail}");
@@ -972,20 +1000,8 @@ impl Vault {
         if !cred.renewable {
             caps.max_lease_lifetime = ttl;
         }
-        let lease_id = crypto::random_hex_id("lease_", 16).map_err(|e| internal("random generator failure")(e.to_string()))?;
-        let token = crypto::random_token("crpst_", 32).map_err(|e| internal("random generator failure")(e.to_string()))?;
-        let nl = NewLease {
-            id: lease_id.clone(),
-            token_hash: crypto::sha256_hex(token.as_bytes()),
-            credential_key: cred.key.clone(),
-            service: cred.service.clone(),
-            agent: who.id.clone(),
-            scopes: requested.clone(),
-            ttl,
-            caps,
-            purpose: purpose.map(str::to_string),
-            consumer: consumer.map(str::to_string),
-        };
+        let (nl, token) = new_lease(&who, &cred, requested.clone(), ttl, caps, purpose, consumer)?;
+        let lease_id = nl.id.clone();
         let depth_cap = self.depth_cap().await;
         // The lease row and its `credential.leased` entry commit together in the audit
         // writer's group commit.
@@ -1055,20 +1071,8 @@ impl Vault {
         };
         let az = Az { scopes: &plan.scopes, ttl: plan.ttl, purpose, consumer, depth: plan.depth };
         let policy = self.authorize(who, Action::Delegate, &cred, &az, &template).await?;
-        let lease_id = crypto::random_hex_id("lease_", 16).map_err(|e| internal("random generator failure")(e.to_string()))?;
-        let token = crypto::random_token("crpst_", 32).map_err(|e| internal("random generator failure")(e.to_string()))?;
-        let nl = NewLease {
-            id: lease_id.clone(),
-            token_hash: crypto::sha256_hex(token.as_bytes()),
-            credential_key: cred.key.clone(),
-            service: cred.service.clone(),
-            agent: who.id.clone(),
-            scopes: plan.scopes.clone(),
-            ttl: plan.ttl,
-            caps,
-            purpose: purpose.map(str::to_string),
-            consumer: consumer.map(str::to_string),
-        };
+        let (nl, token) = new_lease(who, &cred, plan.scopes.clone(), plan.ttl, caps, purpose, consumer)?;
+        let lease_id = nl.id.clone();
         let _ = ctx;
         // The parent is re-checked inside the writer's transaction (a concurrent revoke or
         // release cannot be raced); the child and its `lease.delegated` entry commit together.
@@ -1340,20 +1344,9 @@ impl Vault {
         if !cred.renewable {
             caps.max_lease_lifetime = ttl;
         }
-        let lease_id = crypto::random_hex_id("lease_", 16).map_err(|e| internal("random generator failure")(e.to_string()))?;
-        let token = crypto::random_token("crpst_", 32).map_err(|e| internal("random generator failure")(e.to_string()))?;
-        let nl = NewLease {
-            id: lease_id.clone(),
-            token_hash: crypto::sha256_hex(token.as_bytes()),
-            credential_key: cred.key.clone(),
-            service: cred.service.clone(),
-            agent: who.id.clone(),
-            scopes: requested.clone(),
-            ttl,
-            caps,
-            purpose: purpose.map(str::to_string),
-            consumer: consumer.map(str::to_string),
-        };
+        // The export lease tracks the material; its proxy session token is never handed out.
+        let (nl, _session_token) = new_lease(&who, &cred, requested.clone(), ttl, caps, purpose, consumer)?;
+        let lease_id = nl.id.clone();
         self.append(template.clone().policy(policy.as_deref()).lease(&lease_id).with("ttl", ttl)).await?;
         self.append(template.event(events::EXPORTED, "allow").policy(policy.as_deref()).lease(&lease_id)).await?;
         let depth_cap = self.depth_cap().await;
