@@ -12,6 +12,8 @@ use crp_provider::store::Store;
 use crp_provider::vault::{OpenOptions, Unlock, Vault};
 use serde_json::json;
 
+mod pg_support;
+
 const CANARY: &str = "crp-canary-groupcommit-0a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
 fn owner() -> CallContext {
@@ -33,22 +35,12 @@ async fn concurrent_use_and_release_share_transactions() {
     exercise(&v).await;
 }
 
-/// The same on PostgreSQL (scripts/test.sh exports `CRP_TEST_POSTGRES_URL`; without it this
-/// test has nothing to run against and says so).
+/// The same on PostgreSQL (scripts/test.sh exports `CRP_TEST_POSTGRES_URL`; required in CI,
+/// elsewhere the test says it has nothing to run against).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_use_and_release_share_transactions_on_postgres() {
-    let Ok(admin_url) = std::env::var("CRP_TEST_POSTGRES_URL") else {
-        eprintln!("CRP_TEST_POSTGRES_URL not set: PostgreSQL group commit not exercised (scripts/test.sh sets it)");
-        return;
-    };
-    let db = format!("crp_group_commit_{}", std::process::id());
-    let admin = sqlx::PgPool::connect(&admin_url).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}"))).execute(&admin).await.unwrap();
-    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {db}"))).execute(&admin).await.unwrap();
-    let url = match admin_url.rsplit_once('/') {
-        Some((base, _)) => format!("{base}/{db}"),
-        None => panic!("CRP_TEST_POSTGRES_URL has no database path"),
-    };
+    let Some(db) = pg_support::TestDatabase::create("crp_group_commit").await else { return };
+    let url = db.url.clone();
     let home = tempfile::tempdir().unwrap();
     let key = home.path().join("vault.key");
     Vault::init_with(home.path(), Unlock::Keyfile(key.clone()), Some(&url)).await.unwrap();
@@ -57,7 +49,7 @@ async fn concurrent_use_and_release_share_transactions_on_postgres() {
         .unwrap();
     exercise(&v).await;
     v.store().close().await;
-    sqlx::query(sqlx::AssertSqlSafe(format!("DROP DATABASE IF EXISTS {db}"))).execute(&admin).await.unwrap();
+    db.drop_database().await;
 }
 
 async fn exercise(v: &Vault) {
