@@ -1,0 +1,145 @@
+//! `crp/lease` (renew / release) and `crp/revoke` on an existing lease, with the ownership
+//! check they share.
+
+use std::collections::BTreeMap;
+
+use crp_core::CrpError;
+use crp_core::provider::CallContext;
+use crp_core::types::{
+    Classification, LeaseAction, LeaseParams, LeaseReleased, LeaseRenewed, LeaseResult, RevokeParams,
+    RevokeResult,
+};
+
+use crate::audit::{AuditRecord, events};
+use crate::credentials::{self, CredentialKind, CredentialRecord};
+use crate::leases::{self, LeaseError, LeaseRecord};
+use crate::policy::Action;
+use crate::store::{now_ms, rfc3339};
+
+use super::{Vault, internal, lease_err};
+use super::authz::Az;
+
+impl Vault {
+
+    async fn owned_lease(&self, agent: &str, lease_id: &str, template: &AuditRecord) -> Result<(LeaseRecord, CredentialRecord), CrpError> {
+        let store = &self.inner.store;
+        let l = leases::get(store, lease_id).await.map_err(|e| lease_err(e, lease_id))?;
+        let Some(l) = l.filter(|l| l.agent == agent) else {
+            self.append(template.clone().event(events::DENIED, "deny").with("reason", "lease not found or not held by the caller"))
+                .await?;
+            return Err(CrpError::lease_not_found(lease_id));
+        };
+        let cred = credentials::get(store, &l.credential_key).await.map_err(|e| internal("storage failure")(e.to_string()))?;
+        let cred = cred.unwrap_or_else(|| CredentialRecord {
+            key: l.credential_key.clone(),
+            service: l.service.clone(),
+            kind: CredentialKind::Custom,
+            classification: Classification::Restricted,
+            tags: vec![],
+            scopes: vec![],
+            max_ttl: None,
+            renewable: false,
+            metadata: BTreeMap::new(),
+            expires_at: None,
+            version: 0,
+            created_at: 0,
+            updated_at: 0,
+        });
+        Ok((l, cred))
+    }
+
+    pub(super) async fn do_lease(&self, ctx: &CallContext, p: LeaseParams) -> Result<LeaseResult, CrpError> {
+        let store = &self.inner.store;
+        let event = match p.action {
+            LeaseAction::Renew => events::LEASE_RENEWED,
+            LeaseAction::Release => events::LEASE_RELEASED,
+        };
+        let template = AuditRecord::new(event, &ctx.agent, "allow").lease(&p.lease_id).with("transport", ctx.transport.as_str());
+        let who = self.principal(&ctx.agent, &template).await?;
+        let (l, cred) = self.owned_lease(&who.id, &p.lease_id, &template).await?;
+        let template = template.key(&l.credential_key).service(&l.service);
+        let now = now_ms();
+        match p.action {
+            LeaseAction::Renew => {
+                let caps = self.caps(&cred);
+                let increment = caps.grant_ttl(p.ttl.or(Some(l.ttl)));
+                let az = Az { scopes: &l.scopes, ttl: increment, purpose: l.purpose.as_deref(), consumer: l.consumer.as_deref(), depth: l.depth };
+                let policy = self.authorize(&who, Action::Renew, &cred, &az, &template).await?;
+                if let Err(e) = leases::check_usable(&l, now) {
+                    self.append(template.event(events::ERROR, "error").with("reason", e.to_string())).await?;
+                    return Err(lease_err(e, &l.id));
+                }
+                if !cred.renewable || l.expires_at >= l.max_expires_at {
+                    let why = if cred.renewable { "the lease has reached its maximum lifetime" } else { "the credential's leases are not renewable" };
+                    self.append(template.event(events::ERROR, "error").with("reason", why)).await?;
+                    return Err(CrpError::lease_not_renewable(&l.id, why));
+                }
+                self.append(template.clone().policy(policy.as_deref()).with("increment", increment)).await?;
+                let rec = leases::renew(store, &l.id, increment, now).await.map_err(|e| lease_err(e, &l.id))?;
+                Ok(LeaseResult::Renewed(LeaseRenewed { lease: rec.to_wire(), proxy_base_url: Some(self.proxy_url(&rec.id)), credential: None }))
+            }
+            LeaseAction::Release => {
+                let az = Az { scopes: &l.scopes, ttl: 0, purpose: l.purpose.as_deref(), consumer: l.consumer.as_deref(), depth: l.depth };
+                let policy = self.authorize(&who, Action::Release, &cred, &az, &template).await?;
+                if let Err(e) = leases::check_usable(&l, now) {
+                    self.append(template.event(events::ERROR, "error").with("reason", e.to_string())).await?;
+                    return Err(lease_err(e, &l.id));
+                }
+                // The release and its `lease.released` entry commit together.
+                let op = leases::LeaseOp::Release { id: l.id.clone(), now };
+                self.lease_op(template.clone().policy(policy.as_deref()), template, op, &l.id).await?;
+                Ok(LeaseResult::Released(LeaseReleased { released: true, lease_id: l.id }))
+            }
+        }
+    }
+
+    pub(super) async fn do_revoke(&self, ctx: &CallContext, p: RevokeParams) -> Result<RevokeResult, CrpError> {
+        let store = &self.inner.store;
+        let template = AuditRecord::new(events::REVOKED, &ctx.agent, "allow")
+            .lease(&p.lease_id)
+            .with("reason", p.reason.as_str())
+            .with("transport", ctx.transport.as_str());
+        let who = self.principal(&ctx.agent, &template).await?;
+        // The holder of the lease or of any ancestor may revoke it.
+        let mut l = leases::get(store, &p.lease_id).await.map_err(|e| lease_err(e, &p.lease_id))?;
+        let target = l.clone();
+        let mut held = false;
+        let mut hops = 0;
+        while let Some(cur) = l {
+            if cur.agent == who.id {
+                held = true;
+                break;
+            }
+            hops += 1;
+            if hops > 32 {
+                break;
+            }
+            l = match &cur.parent_id {
+                Some(pid) => leases::get(store, pid).await.map_err(|e| lease_err(e, pid))?,
+                None => None,
+            };
+        }
+        let Some(target) = target.filter(|_| held) else {
+            self.append(template.event(events::DENIED, "deny").with("reason", "lease not found or not held by the caller")).await?;
+            return Err(CrpError::lease_not_found(&p.lease_id));
+        };
+        let template = template.key(&target.credential_key).service(&target.service);
+        let (_, cred) = self.owned_lease(&target.agent, &target.id, &template).await?;
+        let az = Az { scopes: &target.scopes, ttl: 0, purpose: None, consumer: None, depth: target.depth };
+        let policy = self.authorize(&who, Action::Revoke, &cred, &az, &template).await?;
+        self.append(template.policy(policy.as_deref()).with("detail", p.detail.clone().unwrap_or_default())).await?;
+        let now = now_ms();
+        let descendants = leases::revoke_subtree(store, &target.id, p.reason.as_str(), now)
+            .await
+            .map_err(|e| match e {
+                LeaseError::Store(s) => {
+                    tracing::error!(target: "crp_provider::vault", "revoke failed: {s}");
+                    CrpError::revocation_failed("storage failure")
+                }
+                other => lease_err(other, &target.id),
+            })?;
+        let mut affected = vec![target.id.clone()];
+        affected.extend(descendants);
+        Ok(RevokeResult { revoked: true, lease_id: target.id, revoked_at: rfc3339(now), affected_leases: affected })
+    }
+}
