@@ -146,6 +146,20 @@ impl Store {
         }
     }
 
+    /// The SQLite database file, if this is a file-backed SQLite store (not PostgreSQL, not
+    /// `:memory:`).
+    pub fn sqlite_path(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Store::Sqlite(p) => {
+                let opts = p.connect_options();
+                let f = opts.get_filename();
+                let s = f.to_string_lossy();
+                (!s.is_empty() && !s.contains(":memory:")).then(|| f.to_path_buf())
+            }
+            Store::Postgres(_) => None,
+        }
+    }
+
     /// Which engine.
     pub fn engine(&self) -> Engine {
         match self {

@@ -1,6 +1,7 @@
 //! Agent records and the approvals queue, as the vault exposes them to the HTTP server and
 //! the admin CLI (registration, bootstrap tokens, status changes, approval decisions).
 
+use crate::epoch::Domain;
 use crate::agents::{self, ApprovalRecord};
 use crate::audit::{AuditRecord, events};
 
@@ -22,7 +23,9 @@ impl Vault {
             .audit
             .append(AuditRecord::new(events::AGENT, OPERATOR, "allow").with("op", "upsert").with("agent", a.id.clone()).with("status", a.status.as_str()))
             .await?;
-        Ok(agents::upsert(&self.inner.store, a).await?)
+        let changed = agents::upsert(&self.inner.store, a).await;
+        self.changed(Domain::Config);
+        Ok(changed?)
     }
 
     /// Every agent.
@@ -33,6 +36,7 @@ impl Vault {
     /// Redeem a bootstrap token: a new `pending` agent.
     pub async fn register_agent(&self, bootstrap_token: &str, public_key_b64: &str, name: Option<&str>) -> Result<AgentRecord, VaultError> {
         let res = agents::redeem_bootstrap(&self.inner.store, bootstrap_token, public_key_b64, name).await;
+        self.changed(Domain::Config);
         let rec = match &res {
             Ok(a) => AuditRecord::new(events::AGENT, &a.id, "allow").with("op", "register").with("status", "pending"),
             Err(e) => AuditRecord::new(events::AGENT, "unknown", "deny").with("op", "register").with("reason", e.to_string()),
@@ -56,7 +60,9 @@ impl Vault {
             .audit
             .append(AuditRecord::new(events::AGENT, OPERATOR, "allow").with("op", "set_status").with("agent", id).with("status", status.as_str()))
             .await?;
-        agents::set_status(&self.inner.store, id, status).await?.ok_or_else(|| VaultError::NotFound(format!("agent `{id}`")))
+        let rec = agents::set_status(&self.inner.store, id, status).await;
+        self.changed(Domain::Config);
+        rec?.ok_or_else(|| VaultError::NotFound(format!("agent `{id}`")))
     }
 
     /// Approvals (all, or with `status`).

@@ -8,6 +8,7 @@ use crp_core::provider::CallContext;
 use crp_core::types::{Classification, ext};
 use serde_json::Value;
 
+use crate::epoch::Domain;
 use crate::agents;
 use crate::audit::{self, AuditRecord, events};
 use crate::credentials::{self, CredentialConfig, CredentialKind, CredentialRecord, NewCredential};
@@ -85,6 +86,7 @@ impl Vault {
         }
         self.append(template.policy(policy.as_deref())).await?;
         let v = credentials::put(&self.inner.store, &self.inner.dk, &nc).await.map_err(|e| internal("storage failure")(e.to_string()))?;
+        self.changed(Domain::Config);
         if let Ok(b) = self.broker() {
             b.invalidate(&nc.key);
         }

@@ -10,6 +10,7 @@ use crp_core::types::{
     RevokeResult,
 };
 
+use crate::epoch::Domain;
 use crate::audit::{AuditRecord, events};
 use crate::credentials::{self, CredentialKind, CredentialRecord};
 use crate::leases::{self, LeaseError, LeaseRecord};
@@ -75,7 +76,9 @@ impl Vault {
                     return Err(CrpError::lease_not_renewable(&l.id, why));
                 }
                 self.append(template.clone().policy(policy.as_deref()).with("increment", increment)).await?;
-                let rec = leases::renew(store, &l.id, increment, now).await.map_err(|e| lease_err(e, &l.id))?;
+                let rec = leases::renew(store, &l.id, increment, now).await;
+                self.changed(Domain::Leases);
+                let rec = rec.map_err(|e| lease_err(e, &l.id))?;
                 Ok(LeaseResult::Renewed(LeaseRenewed { lease: rec.to_wire(), proxy_base_url: Some(self.proxy_url(&rec.id)), credential: None }))
             }
             LeaseAction::Release => {
@@ -87,7 +90,9 @@ impl Vault {
                 }
                 // The release and its `lease.released` entry commit together.
                 let op = leases::LeaseOp::Release { id: l.id.clone(), now };
-                self.lease_op(template.clone().policy(policy.as_deref()), template, op, &l.id).await?;
+                let released = self.lease_op(template.clone().policy(policy.as_deref()), template, op, &l.id).await;
+                self.changed(Domain::Leases);
+                released?;
                 Ok(LeaseResult::Released(LeaseReleased { released: true, lease_id: l.id }))
             }
         }
@@ -129,9 +134,9 @@ impl Vault {
         let policy = self.authorize(&who, Action::Revoke, &cred, &az, &template).await?;
         self.append(template.policy(policy.as_deref()).with("detail", p.detail.clone().unwrap_or_default())).await?;
         let now = now_ms();
-        let descendants = leases::revoke_subtree(store, &target.id, p.reason.as_str(), now)
-            .await
-            .map_err(|e| match e {
+        let descendants = leases::revoke_subtree(store, &target.id, p.reason.as_str(), now).await;
+        self.changed(Domain::Leases);
+        let descendants = descendants.map_err(|e| match e {
                 LeaseError::Store(s) => {
                     tracing::error!(target: "crp_provider::vault", "revoke failed: {s}");
                     CrpError::revocation_failed("storage failure")

@@ -41,11 +41,14 @@ use zeroize::Zeroizing;
 use crate::agents::{AgentError, ApprovalRecord};
 use crate::audit::{self, AuditLog, AuditRecord, events};
 use crate::broker::Broker;
+use crate::cache::EpochCache;
 use crate::config::{Config, Paths, PROVIDER_MAX_DELEGATION_DEPTH};
 use crate::credentials::CredentialRecord;
 use crate::crypto::{self, KdfParams, KekInput, Key32, KeyEnvelope};
+use crate::epoch::{Domain, Epochs};
 use crate::leases::{self, Caps, LeaseError, LeaseRecord};
 use crate::policy::PolicyEngine;
+use crate::proxy_lookup;
 use crate::store::{Store, now_ms};
 
 mod agents;
@@ -68,6 +71,11 @@ pub const PROVIDER_NAME: &str = "crp-reference";
 pub const OPERATOR: &str = "operator";
 /// Default proxy base URL.
 pub const DEFAULT_PROXY_BASE: &str = "http://127.0.0.1:7700";
+/// Leases the proxy keeps opened in memory (a full cache starts over).
+const GRANT_CACHE_ENTRIES: usize = 65_536;
+/// The longest a cached read is trusted without a stamp change: a bound for the case where a
+/// process committed a change and died (or failed to write the stamp) before recording it.
+const CACHE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// How to unlock the vault.
 pub enum Unlock {
@@ -270,6 +278,10 @@ struct Inner {
     broker: Mutex<Option<Broker>>,
     /// A throwaway vault made by [`Vault::open_ephemeral`] (`serve --dev`, tests).
     ephemeral: std::sync::atomic::AtomicBool,
+    /// Change stamps shared with every process of this vault (disabled on PostgreSQL).
+    epochs: Epochs,
+    /// The proxy's view of leases in use, valid while no lease, agent or credential changed.
+    grants: EpochCache<String, Arc<proxy_lookup::LeaseView>>,
 }
 
 /// The vault. Cheap to clone (an `Arc` inside).
@@ -530,6 +542,14 @@ impl Vault {
         let policy = PolicyEngine::new(&src).map_err(|e| VaultError::Policy(e.render("policies")))?;
         let stamp = policy_stamp(&paths.policies_dir());
         let (audit, audit_task) = AuditLog::start(store.clone(), audit_key.clone());
+        let epochs = match store.sqlite_path() {
+            Some(db) => {
+                let p = Epochs::path_for(&db);
+                Epochs::open(&p).map_err(|e| io_err("cannot open the change-stamp file", &p, e))?
+            }
+            None => Epochs::disabled(),
+        };
+        let grants = EpochCache::new(epochs.clone(), &[Domain::Config, Domain::Leases], GRANT_CACHE_ENTRIES, CACHE_MAX_AGE);
         let proxy_base = config.proxy_base_url.clone().unwrap_or_else(|| DEFAULT_PROXY_BASE.into());
         let vault = Vault {
             inner: Arc::new(Inner {
@@ -546,6 +566,8 @@ impl Vault {
                 proxy_base: RwLock::new(proxy_base),
                 broker: Mutex::new(None),
                 ephemeral: std::sync::atomic::AtomicBool::new(false),
+                epochs,
+                grants,
             }),
         };
         vault.start_reaper();
@@ -590,13 +612,18 @@ impl Vault {
     pub async fn reap_now(&self) -> Result<Vec<String>, VaultError> {
         let grace = i64::from(self.inner.config.grace()) * 1000;
         let reaped = leases::reap(&self.inner.store, now_ms(), grace).await?;
+        if !reaped.is_empty() {
+            self.changed(Domain::Leases);
+        }
         let ids: Vec<String> = reaped.iter().map(|r| r.id.clone()).collect();
         for r in &reaped {
             let rec = AuditRecord::new(events::LEASE_EXPIRED, &r.agent, "allow").key(&r.key).service(&r.service).lease(&r.id);
             if let Err(e) = self.inner.audit.append(rec).await {
                 // Could not audit: put them back so a later pass retries; they are past expiry,
                 // so the proxy refuses them regardless.
-                leases::unreap(&self.inner.store, &ids).await?;
+                let put_back = leases::unreap(&self.inner.store, &ids).await;
+                self.changed(Domain::Leases);
+                put_back?;
                 return Err(e.into());
             }
         }
@@ -625,6 +652,19 @@ impl Vault {
     /// The storage layer (for tests and tools).
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// This vault's change stamps (see [`crate::epoch`]), for the read caches.
+    pub fn epochs(&self) -> &Epochs {
+        &self.inner.epochs
+    }
+
+    /// Record a committed change in `domain`, so every process's caches drop what it made
+    /// stale. Call it after each commit that changes an agent, a credential, a vault setting
+    /// (`Domain::Config`) or the state or expiry of an existing lease (`Domain::Leases`), also
+    /// when the operation then fails for another reason.
+    pub(crate) fn changed(&self, domain: Domain) {
+        self.inner.epochs.bump(domain);
     }
 
     /// Set the proxy base URL (`proxyBaseUrl = {base}/api/v1/proxy/t/{leaseId}`).
@@ -722,6 +762,7 @@ impl Vault {
                 .execute(&mut *tx)
                 .await?;
         });
+        self.changed(Domain::Config);
         Ok(())
     }
 

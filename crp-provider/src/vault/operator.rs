@@ -4,6 +4,7 @@
 
 use crp_core::types::ext;
 
+use crate::epoch::Domain;
 use crate::{agents, crypto};
 use crate::apply::{ApplyDoc, ApplyReport};
 use crate::audit::{self, AuditRecord, VerifyReport, events};
@@ -43,6 +44,7 @@ impl Vault {
             .append(AuditRecord::new(events::STORED, OPERATOR, "allow").key(&c.key).service(&c.service).with("kind", c.kind.as_str()))
             .await?;
         let v = credentials::put(store, &self.inner.dk, c).await?;
+        self.changed(Domain::Config);
         if let Ok(b) = self.broker() {
             b.invalidate(&c.key);
         }
@@ -81,7 +83,9 @@ impl Vault {
 
     pub(super) async fn delete_and_revoke(&self, key: &str) -> Result<Vec<String>, VaultError> {
         let revoked = leases::revoke_for_credential(&self.inner.store, key, "credential_deleted", now_ms()).await?;
+        self.changed(Domain::Leases);
         credentials::delete(&self.inner.store, key).await?;
+        self.changed(Domain::Config);
         if let Ok(b) = self.broker() {
             b.invalidate(key);
         }
@@ -122,7 +126,9 @@ impl Vault {
             .append(AuditRecord::new(events::REVOKED, OPERATOR, "allow").lease(id).key(&l.credential_key).service(&l.service).with("reason", "manual_revocation"))
             .await?;
         let mut out = vec![id.to_string()];
-        out.extend(leases::revoke_subtree(&self.inner.store, id, "manual_revocation", now_ms()).await?);
+        let revoked = leases::revoke_subtree(&self.inner.store, id, "manual_revocation", now_ms()).await;
+        self.changed(Domain::Leases);
+        out.extend(revoked?);
         Ok(out)
     }
 
@@ -135,7 +141,9 @@ impl Vault {
             .audit
             .append(AuditRecord::new(events::REVOKED, OPERATOR, "allow").with("prefix", prefix).with("reason", "manual_revocation"))
             .await?;
-        Ok(leases::revoke_prefix(&self.inner.store, prefix, "manual_revocation", now_ms()).await?)
+        let revoked = leases::revoke_prefix(&self.inner.store, prefix, "manual_revocation", now_ms()).await;
+        self.changed(Domain::Leases);
+        Ok(revoked?)
     }
 
     /// Query the audit log (operator).
