@@ -2,8 +2,9 @@
 //! and session-token hash, its agent's status, and the current sealed version of its
 //! credential — in one indexed query instead of four round trips through the pool.
 //!
-//! It reads the database on every call (no cache), so a revocation made by another process of
-//! the same vault is seen by the very next proxied request.
+//! It reads the database on every call; `Vault::proxy_grant` keeps the views of leases in use
+//! in an epoch-validated cache ([`crate::cache`]), so a revocation made by any process of the
+//! same vault is still seen by the very next proxied request.
 
 use crp_core::SecretValue;
 

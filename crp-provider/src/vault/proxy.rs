@@ -2,10 +2,13 @@
 //! injection material), [`Vault::broker_refresh`] for brokered (OAuth2 client-credentials)
 //! credentials, and [`Vault::audit_proxy`] for the per-request `credential.used` entry.
 
+use std::sync::Arc;
+
 use crp_core::SecretValue;
 
 use crate::audit::{AuditRecord, events};
 use crate::broker::ClientCredentials;
+use crate::cache::Lookup;
 use crate::credentials::{self, CredentialConfig};
 use crate::{crypto, proxy_lookup};
 use crate::leases::{self, LeaseState};
@@ -16,16 +19,25 @@ use super::{AgentStatus, ProxyAuditRecord, ProxyDenied, ProxyGrant, Vault, Vault
 impl Vault {
 
     /// Check a proxied request's lease and session token and hand the proxy what it needs.
-    /// Reads the lease from the database every time, so a revoke by any process takes effect
-    /// on the next request.
+    ///
+    /// The lease's view (state, token hash, holder's status, the opened credential) comes from
+    /// the grant cache while no lease, agent or credential of the vault has changed since it
+    /// was read ([`crate::cache`]); any such change, made by this process or another one on
+    /// the same vault, is seen by the next request. Only views that passed every check are
+    /// kept, so unknown leases, wrong tokens and ended leases read the database each time.
     pub async fn proxy_grant(&self, lease_id: &str, session_token: &str) -> Result<ProxyGrant, ProxyDenied> {
-        let store = &self.inner.store;
-        let l = proxy_lookup::lookup(store, &self.inner.dk, lease_id).await.map_err(|e| {
-            tracing::error!(target: "crp_provider::vault", "proxy lease lookup failed: {e}");
-            ProxyDenied::new(503, "provider_error", "provider error: storage failure")
-        })?;
-        let Some(l) = l else {
-            return Err(ProxyDenied::new(404, "lease_not_found", "lease not found"));
+        let (l, ticket) = match self.inner.grants.get(lease_id) {
+            Lookup::Hit(view) => (view, None),
+            Lookup::Miss(ticket) => {
+                let view = proxy_lookup::lookup(&self.inner.store, &self.inner.dk, lease_id).await.map_err(|e| {
+                    tracing::error!(target: "crp_provider::vault", "proxy lease lookup failed: {e}");
+                    ProxyDenied::new(503, "provider_error", "provider error: storage failure")
+                })?;
+                let Some(view) = view else {
+                    return Err(ProxyDenied::new(404, "lease_not_found", "lease not found"));
+                };
+                (Arc::new(view), Some(ticket))
+            }
         };
         let presented = crypto::sha256_hex(session_token.as_bytes());
         if !crypto::ct_eq(presented.as_bytes(), l.token_hash.as_bytes()) {
@@ -46,18 +58,21 @@ impl Vault {
         if let Some(status) = l.agent_status.filter(|s| *s != AgentStatus::Active) {
             return Err(ProxyDenied::new(403, "agent_disabled", format!("agent is {}", status.as_str())));
         }
-        let Some(cred) = l.credential else {
+        let Some(cred) = &l.credential else {
             return Err(ProxyDenied::new(403, "credential_deleted", "the credential behind this lease was deleted"));
         };
         if cred.is_expired(now) {
             return Err(ProxyDenied::new(403, "credential_expired", "the stored credential has expired"));
         }
-        let config = cred.config;
+        let config = &cred.config;
         let Some(upstream) = config.upstream.clone() else {
             return Err(ProxyDenied::new(502, "no_upstream", "the credential has no upstream URL configured"));
         };
+        if let Some(ticket) = ticket {
+            self.inner.grants.insert(ticket, lease_id.to_string(), l.clone());
+        }
         let (secret, brokered) = if cred.kind.brokered() {
-            let cc = client_credentials(&config, cred.value).map_err(|m| ProxyDenied::new(502, "broker_failure", m))?;
+            let cc = client_credentials(config, cred.value.clone()).map_err(|m| ProxyDenied::new(502, "broker_failure", m))?;
             let b = self.broker().map_err(|m| ProxyDenied::new(502, "broker_failure", format!("broker failure: {m}")))?;
             let tok = b
                 .token(&cred.key, &cc)
@@ -65,18 +80,18 @@ impl Vault {
                 .map_err(|e| ProxyDenied::new(502, "broker_failure", format!("broker failure: {e}")))?;
             (tok, true)
         } else {
-            (cred.value, false)
+            (cred.value.clone(), false)
         };
         Ok(ProxyGrant {
-            lease_id: l.id,
-            key: cred.key,
-            service: cred.service,
+            lease_id: l.id.clone(),
+            key: cred.key.clone(),
+            service: cred.service.clone(),
             upstream,
-            injection: config.injection,
+            injection: config.injection.clone(),
             secret,
-            allowed_private_hosts: config.allowed_private_hosts,
+            allowed_private_hosts: config.allowed_private_hosts.clone(),
             brokered,
-            agent: l.agent,
+            agent: l.agent.clone(),
         })
     }
 
