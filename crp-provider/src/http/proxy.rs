@@ -482,6 +482,7 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
     set_status(&mut guard, status.as_u16());
 
     // Response headers.
+    let redactor = Redactor::new(patterns);
     let upstream_len = content_length(resp.headers());
     let mut out_headers = HeaderMap::with_capacity(resp.headers().len());
     let listed = connection_listed(resp.headers());
@@ -491,16 +492,16 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
         if STRIPPED_RESPONSE_HEADERS.contains(&n) || listed.iter().any(|c| c == n) || n == "content-length" {
             continue;
         }
-        let mut r = Redactor::new(patterns.clone());
-        let cleaned = r.redact_all(value.as_bytes());
-        if r.hits > 0 {
-            header_redactions += r.hits;
-            match HeaderValue::from_bytes(&cleaned) {
-                Ok(v) => out_headers.append(name.clone(), v),
-                Err(_) => continue,
-            };
-        } else {
-            out_headers.append(name.clone(), value.clone());
+        match redactor.redact_value(value.as_bytes()) {
+            None => {
+                out_headers.append(name.clone(), value.clone());
+            }
+            Some((cleaned, hits)) => {
+                header_redactions += hits;
+                if let Ok(v) = HeaderValue::from_bytes(&cleaned) {
+                    out_headers.append(name.clone(), v);
+                }
+            }
         }
     }
 
@@ -525,7 +526,6 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
         return builder.body(Body::empty()).unwrap_or_else(|_| internal());
     }
 
-    let mut redactor = Redactor::new(patterns);
     if upstream_len.is_some_and(|n| n <= st.cfg.redact_buffer_bytes as u64) {
         // Small body: read it whole (bounded), redact, exact Content-Length.
         let limit = st.cfg.redact_buffer_bytes;
@@ -534,8 +534,8 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
             Ok(c) => c.to_bytes(),
             Err(_) => refuse!(StatusCode::BAD_GATEWAY, "upstream_body", "the upstream body could not be read", "upstream_error"),
         };
-        let clean = redactor.redact_all(&raw);
-        if let Err(e) = guard.finish(clean.len() as u64, header_redactions + redactor.hits).await {
+        let (clean, body_redactions) = redactor.redact_value(&raw).unwrap_or((raw, 0));
+        if let Err(e) = guard.finish(clean.len() as u64, header_redactions + body_redactions).await {
             tracing::error!("audit failed: {e}");
             return json_error(StatusCode::SERVICE_UNAVAILABLE, "audit_unavailable", "the audit log is unavailable");
         }

@@ -146,6 +146,34 @@ impl Redactor {
         out.freeze()
     }
 
+    /// Redact a complete value (a header value, a buffered body) without touching the stream
+    /// state: `None` when it holds no form of the secret (the common case, no copy made),
+    /// else the cleaned value and the number of replacements.
+    pub fn redact_value(&self, data: &[u8]) -> Option<(Bytes, u64)> {
+        let first_hit = (0..data.len())
+            .find(|&i| self.first[data[i] as usize] && self.patterns.iter().any(|p| data[i..].starts_with(p)))?;
+        let mut out = BytesMut::with_capacity(data.len());
+        out.extend_from_slice(&data[..first_hit]);
+        let mut i = first_hit;
+        let mut plain_start = first_hit;
+        let mut hits = 0;
+        while i < data.len() {
+            if self.first[data[i] as usize]
+                && let Some(p) = self.patterns.iter().find(|p| data[i..].starts_with(p))
+            {
+                out.extend_from_slice(&data[plain_start..i]);
+                out.extend_from_slice(REPLACEMENT);
+                hits += 1;
+                i += p.len();
+                plain_start = i;
+                continue;
+            }
+            i += 1;
+        }
+        out.extend_from_slice(&data[plain_start..]);
+        Some((out.freeze(), hits))
+    }
+
     /// Redact a complete value (a header value, a buffered body).
     pub fn redact_all(&mut self, data: &[u8]) -> Bytes {
         let mut out = BytesMut::from(&self.push(data)[..]);
@@ -161,6 +189,20 @@ mod tests {
 
     fn red(secret: &str) -> Redactor {
         Redactor::new(patterns_for(&SecretValue::new(secret), &InjectionRule::Header { name: "Authorization".into(), prefix: "Bearer".into() }))
+    }
+
+    #[test]
+    fn redact_value_copies_only_when_it_must() {
+        let r = red("sk-live-SECRET123");
+        assert!(r.redact_value(b"nothing to see here").is_none());
+        let (out, hits) = r.redact_value(b"x sk-live-SECRET123 y sk-live-SECRET123").unwrap();
+        assert_eq!((&out[..], hits), (&b"x [REDACTED] y [REDACTED]"[..], 2));
+        let mut streaming = red("sk-live-SECRET123");
+        for v in [&b"sk-live-SECRET12"[..], b"a sk-live-SECRET123", b"sk-live-SECRET123sk-live-SECRET123"] {
+            let expect = streaming.redact_all(v);
+            let got = r.redact_value(v).map(|(b, _)| b).unwrap_or_else(|| Bytes::copy_from_slice(v));
+            assert_eq!(got, expect);
+        }
     }
 
     #[test]
