@@ -1,6 +1,6 @@
 //! Proxy overhead: one upstream reached (a) directly, (b) through `crp-provider serve` (lease
 //! check against the database, session token, header injection, durable audit of every
-//! request), (c) through nginx `proxy_pass` + `proxy_set_header Authorization` (upstream
+//! request; once with the default `fsync` audit durability, once with `os`), (c) through nginx `proxy_pass` + `proxy_set_header Authorization` (upstream
 //! keepalive), with wrk at several connection counts. Reports throughput, p50/p99, CPU µs per
 //! request of the proxy process (utime+stime from /proc over the run / completed requests) and
 //! the ratios ours/direct and ours/nginx.
@@ -127,16 +127,12 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
     up_cmd.arg("--token").arg(&secret).arg("--listen").arg("127.0.0.1:0").arg("--exit-on-eof");
     let upstream = spawn_with_url("bench upstream", up_cmd, "listening on", Duration::from_secs(20))?;
     let up_url = upstream.url.clone();
-    // (2) vault home with the credential, then the provider server on it
-    let home = a.work.join("proxy-home");
-    let (bh, vault) = make_home(&home, &up_url, &secret).await?;
-    vault.shutdown().await;
-    drop(vault);
-    let server = a.server.spawn(&bh.home)?;
-    let rpc = RpcClient::new(&server.url, bh.key.clone(), AGENT)?;
-    let used = rpc.call("crp/use", json!({"service": SERVICE, "ttl": 3600})).await.context("crp/use over HTTP")?;
-    let h = use_handle(&used)?;
+    // (2) two vault homes with the credential, a provider server on each: the default audit
+    // durability (fsync before answering) and `[audit] durability = "os"` (no fsync).
+    let (server, h) = provider(&a, &a.work.join("proxy-home"), &up_url, &secret, None).await?;
+    let (server_os, h_os) = provider(&a, &a.work.join("proxy-home-os"), &up_url, &secret, Some("os")).await?;
     let ours_url = format!("{}/v1/items?limit=10", h.proxy_base_url.trim_end_matches('/'));
+    let ours_os_url = format!("{}/v1/items?limit=10", h_os.proxy_base_url.trim_end_matches('/'));
     let direct_url = format!("{}/v1/items?limit=10", up_url.trim_end_matches('/'));
 
     // (3) correctness before any figure: injection works, tokens are checked.
@@ -151,13 +147,16 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
     if s != 401 {
         bail!("the upstream must refuse requests without the credential (got {s})");
     }
-    let (s, body) = get(&c, &ours_url, &[("authorization", &bearer_session)]).await?;
-    if s != 200 || body.len() != 60 {
-        bail!("proxy check: HTTP {s}: {}", String::from_utf8_lossy(&body));
-    }
-    let (s, _) = get(&c, &ours_url, &[("authorization", "Bearer wrong-token")]).await?;
-    if s != 401 {
-        bail!("the proxy must refuse a wrong session token with 401 (got {s})");
+    let bearer_session_os = format!("Bearer {}", h_os.token);
+    for (url, session) in [(&ours_url, &bearer_session), (&ours_os_url, &bearer_session_os)] {
+        let (s, body) = get(&c, url, &[("authorization", session)]).await?;
+        if s != 200 || body.len() != 60 {
+            bail!("proxy check: HTTP {s}: {}", String::from_utf8_lossy(&body));
+        }
+        let (s, _) = get(&c, url, &[("authorization", "Bearer wrong-token")]).await?;
+        if s != 401 {
+            bail!("the proxy must refuse a wrong session token with 401 (got {s})");
+        }
     }
 
     // (4) nginx, once per worker setting
@@ -179,6 +178,12 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
             url: ours_url.clone(),
             headers: vec![format!("Authorization: {bearer_session}")],
             pids: vec![server.pid()],
+        },
+        Target {
+            name: "crp proxy, audit os".into(),
+            url: ours_os_url.clone(),
+            headers: vec![format!("Authorization: {bearer_session_os}")],
+            pids: vec![server_os.pid()],
         },
     ];
     for (ng, url) in &nginxes {
@@ -231,6 +236,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
     }
     drop(nginxes);
     drop(server);
+    drop(server_os);
     drop(upstream);
 
     // (6) report: the median run (by throughput) of each cell.
@@ -265,58 +271,79 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
         }
     }
     println!();
-    let ours = 1usize;
     let direct = 0usize;
-    print!("| conns | ours/direct req/s | added p50 vs direct (ours) |");
-    for t in &targets[2..] {
+    let first_nginx = 3usize;
+    print!("| target | conns | ours/direct req/s | added p50 vs direct |");
+    for t in &targets[first_nginx..] {
         print!(" ours/{} req/s | added p50 ({}) | ours/{} CPU |", t.name, t.name, t.name);
     }
     println!();
-    print!("|---:|---:|---:|");
-    for _ in &targets[2..] {
+    print!("|---|---:|---:|---:|");
+    for _ in &targets[first_nginx..] {
         print!("---:|---:|---:|");
     }
     println!();
-    let mut p50_added_c1 = None;
-    let mut rps_64: Option<(f64, f64)> = None;
-    for &conns in &a.conns {
-        let o = median(&runs[&(conns, ours)]);
-        let d = median(&runs[&(conns, direct)]);
-        let added = o.wrk.p50_us - d.wrk.p50_us;
-        if conns == 1 {
-            p50_added_c1 = Some(added);
-        }
-        print!("| {} | {:.2} | {} |", conns, o.wrk.rps / d.wrk.rps, us(added));
-        for ti in 2..targets.len() {
-            let n = median(&runs[&(conns, ti)]);
-            print!(" {:.2} | {} | {:.2} |", o.wrk.rps / n.wrk.rps, us(n.wrk.p50_us - d.wrk.p50_us), o.cpu_us_per_req / n.cpu_us_per_req);
-            if conns == 64 && ti == 2 {
-                rps_64 = Some((o.wrk.rps, n.wrk.rps));
+    // Per provider variant: (added p50 at 1 connection, (ours, nginx 1 worker) req/s at 64).
+    let mut verdicts: Vec<(String, Option<f64>, Option<(f64, f64)>)> = Vec::new();
+    for ours in [1usize, 2] {
+        let mut p50_added_c1 = None;
+        let mut rps_64 = None;
+        for &conns in &a.conns {
+            let o = median(&runs[&(conns, ours)]);
+            let d = median(&runs[&(conns, direct)]);
+            let added = o.wrk.p50_us - d.wrk.p50_us;
+            if conns == 1 {
+                p50_added_c1 = Some(added);
             }
+            print!("| {} | {} | {:.2} | {} |", targets[ours].name, conns, o.wrk.rps / d.wrk.rps, us(added));
+            for ti in first_nginx..targets.len() {
+                let n = median(&runs[&(conns, ti)]);
+                print!(" {:.2} | {} | {:.2} |", o.wrk.rps / n.wrk.rps, us(n.wrk.p50_us - d.wrk.p50_us), o.cpu_us_per_req / n.cpu_us_per_req);
+                if conns == 64 && ti == first_nginx {
+                    rps_64 = Some((o.wrk.rps, n.wrk.rps));
+                }
+            }
+            println!();
         }
-        println!();
+        verdicts.push((targets[ours].name.clone(), p50_added_c1, rps_64));
     }
     println!();
-    if let Some(a) = p50_added_c1 {
-        println!(
-            "- target: added p50 at 1 connection ≤ 50 µs: **{}** ({})",
-            if a <= 50.0 { "met" } else { "missed" },
-            us(a)
-        );
-    }
-    if let Some((o, n)) = rps_64 {
-        println!(
-            "- target: throughput at 64 connections ≥ nginx (1 worker): **{}** ({} vs {} req/s)",
-            if o >= n { "met" } else { "missed" },
-            human(o),
-            human(n)
-        );
+    for (name, p50, rps) in verdicts {
+        if let Some(a) = p50 {
+            println!("- target ({name}): added p50 at 1 connection ≤ 50 µs: **{}** ({})", if a <= 50.0 { "met" } else { "missed" }, us(a));
+        }
+        if let Some((o, n)) = rps {
+            println!(
+                "- target ({name}): throughput at 64 connections ≥ nginx (1 worker): **{}** ({} vs {} req/s)",
+                if o >= n { "met" } else { "missed" },
+                human(o),
+                human(n)
+            );
+        }
     }
     if !ok {
         println!("- **ERROR**: non-2xx responses were seen (injection or audit failed); see the table");
     }
     println!();
     Ok(ok)
+}
+
+/// A vault home with the benchmark credential (and `[audit] durability`, if given), a provider
+/// server on it, and a lease from a signed `crp/use` over HTTP.
+async fn provider(a: &ProxyArgs, home: &Path, upstream: &str, secret: &str, durability: Option<&str>) -> anyhow::Result<(Proc, UseHandle)> {
+    let (bh, vault) = make_home(home, upstream, secret).await?;
+    vault.shutdown().await;
+    drop(vault);
+    if let Some(d) = durability {
+        let cfg = home.join("config.toml");
+        let mut text = std::fs::read_to_string(&cfg).unwrap_or_default();
+        text.push_str(&format!("\n[audit]\ndurability = \"{d}\"\n"));
+        std::fs::write(&cfg, text)?;
+    }
+    let server = a.server.spawn(&bh.home)?;
+    let rpc = RpcClient::new(&server.url, bh.key.clone(), AGENT)?;
+    let used = rpc.call("crp/use", json!({"service": SERVICE, "ttl": 3600})).await.context("crp/use over HTTP")?;
+    Ok((server, use_handle(&used)?))
 }
 
 pub fn ensure_tools() -> anyhow::Result<()> {
