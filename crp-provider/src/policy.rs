@@ -455,6 +455,15 @@ struct Loaded {
     ids: Vec<String>,
     /// Policies that can apply to each action, indexed by `Action::index`.
     per_action: Vec<PolicySet>,
+    /// Each policy's `@outcome` and `@reason`, by id, read once at load (looking an annotation
+    /// up in a `PolicySet` parses its key with Cedar's parser on every call).
+    notes: HashMap<String, Note>,
+}
+
+/// What a satisfied policy means: its graduated outcome (`@outcome`) and `@reason`.
+struct Note {
+    outcome: Outcome,
+    reason: Option<String>,
 }
 
 /// Schema and entity-type names, built once.
@@ -558,12 +567,16 @@ impl PolicyEngine {
         if pset.is_empty() {
             return default_deny();
         }
-        let (request, entities) = match build_request(st, agent, roles, action, cred, ctx) {
+        let entities = match entities_for(st, agent, roles, cred) {
+            Ok(x) => x,
+            Err(msg) => return deny_internal(&msg),
+        };
+        let request = match build_request(st, agent, action, cred, ctx) {
             Ok(x) => x,
             Err(msg) => return deny_internal(&msg),
         };
         let resp = Authorizer::new().is_authorized(&request, pset, &entities);
-        graduate(pset, &resp)
+        graduate(&loaded.notes, &resp)
     }
 }
 
@@ -583,14 +596,50 @@ fn deny_internal(msg: &str) -> Decision {
     }
 }
 
-fn build_request(
-    st: &Statics,
-    agent: &str,
-    roles: &[String],
-    action: Action,
-    cred: &CredentialAttrs,
-    ctx: &AuthzContext,
-) -> Result<(Request, Entities), String> {
+/// Entity sets built (and checked against the schema) at most once per distinct input: they
+/// depend on nothing but the agent, its roles and the credential's attributes, so an entry can
+/// never be stale. A full map starts over.
+const ENTITY_MEMO_ENTRIES: usize = 4096;
+
+/// The entities of a decision: the agent, its roles and the credential, from the memo when the
+/// same ones were built before.
+fn entities_for(st: &Statics, agent: &str, roles: &[String], cred: &CredentialAttrs) -> Result<Arc<Entities>, String> {
+    static MEMO: LazyLock<std::sync::Mutex<HashMap<String, Arc<Entities>>>> = LazyLock::new(Default::default);
+    // Every part length-prefixed: no two different inputs share a key.
+    let mut key = String::with_capacity(128);
+    let mut part = |s: &str| {
+        key.push_str(&s.len().to_string());
+        key.push(':');
+        key.push_str(s);
+    };
+    part(agent);
+    part(&roles.len().to_string());
+    roles.iter().for_each(|r| part(r));
+    part(cred.key);
+    part(cred.service);
+    part(cred.classification.as_str());
+    part(&cred.tags.len().to_string());
+    cred.tags.iter().for_each(|t| part(t));
+    if let Ok(m) = MEMO.lock()
+        && let Some(e) = m.get(&key)
+    {
+        return Ok(e.clone());
+    }
+    let built = Arc::new(build_entities(st, agent, roles, cred)?);
+    if let Ok(mut m) = MEMO.lock() {
+        if m.len() >= ENTITY_MEMO_ENTRIES {
+            m.clear();
+        }
+        m.insert(key, built.clone());
+    }
+    Ok(built)
+}
+
+fn str_set(v: &[String]) -> RestrictedExpression {
+    RestrictedExpression::new_set(v.iter().map(|s| RestrictedExpression::new_string(s.clone())))
+}
+
+fn build_entities(st: &Statics, agent: &str, roles: &[String], cred: &CredentialAttrs) -> Result<Entities, String> {
     let role_uids: HashSet<EntityUid> = roles
         .iter()
         .map(|r| EntityUid::from_type_name_and_id(st.role.clone(), EntityId::new(r)))
@@ -602,12 +651,6 @@ fn build_request(
         Classification::Internal => 1,
         Classification::Confidential => 2,
         Classification::Restricted => 3,
-    };
-    let str_set = |v: &[String]| {
-        RestrictedExpression::new_set(
-            v.iter()
-                .map(|s| RestrictedExpression::new_string(s.clone())),
-        )
     };
     let cred_entity = Entity::new(
         resource.clone(),
@@ -641,9 +684,12 @@ fn build_request(
             .map(|r| Entity::new_no_attrs(r, HashSet::new())),
     );
     ents.push(cred_entity);
-    let entities = Entities::from_entities(ents, Some(&st.schema))
-        .map_err(|e| format!("entities rejected: {e}"))?;
+    Entities::from_entities(ents, Some(&st.schema)).map_err(|e| format!("entities rejected: {e}"))
+}
 
+fn build_request(st: &Statics, agent: &str, action: Action, cred: &CredentialAttrs, ctx: &AuthzContext) -> Result<Request, String> {
+    let principal = EntityUid::from_type_name_and_id(st.agent.clone(), EntityId::new(agent));
+    let resource = EntityUid::from_type_name_and_id(st.credential.clone(), EntityId::new(cred.key));
     let mut pairs = vec![
         ("scopes".to_string(), str_set(ctx.scopes)),
         (
@@ -654,10 +700,7 @@ fn build_request(
             "delegationDepth".to_string(),
             RestrictedExpression::new_long(i64::from(ctx.delegation_depth)),
         ),
-        (
-            "now".to_string(),
-            RestrictedExpression::new_datetime(cedar_datetime(ctx.now)?),
-        ),
+        ("now".to_string(), now_expr(ctx.now)?),
     ];
     if let Some(p) = ctx.purpose {
         pairs.push((
@@ -680,7 +723,26 @@ fn build_request(
         Some(&st.schema),
     )
     .map_err(|e| format!("request rejected: {e}"))?;
-    Ok((request, entities))
+    Ok(request)
+}
+
+/// `datetime("<now>")` as a Cedar expression. Building one parses the extension's name with
+/// Cedar's parser, so the last one built is kept and reused while the clock is in the same
+/// millisecond (concurrent requests mostly are).
+fn now_expr(now: time::OffsetDateTime) -> Result<RestrictedExpression, String> {
+    static LAST: std::sync::Mutex<Option<(String, RestrictedExpression)>> = std::sync::Mutex::new(None);
+    let text = cedar_datetime(now)?;
+    if let Ok(last) = LAST.lock()
+        && let Some((t, e)) = last.as_ref()
+        && *t == text
+    {
+        return Ok(e.clone());
+    }
+    let e = RestrictedExpression::new_datetime(&text);
+    if let Ok(mut last) = LAST.lock() {
+        *last = Some((text, e.clone()));
+    }
+    Ok(e)
 }
 
 /// `now` in the form Cedar's `datetime` accepts: `YYYY-MM-DDThh:mm:ss.SSSZ` (UTC).
@@ -702,7 +764,8 @@ fn cedar_datetime(now: time::OffsetDateTime) -> Result<String, String> {
 }
 
 /// Turn Cedar's response into a graduated [`Decision`].
-fn graduate(pset: &PolicySet, resp: &Response) -> Decision {
+fn graduate(notes: &HashMap<String, Note>, resp: &Response) -> Decision {
+    let reason = |id: &PolicyId| notes.get(AsRef::<str>::as_ref(id)).and_then(|n| n.reason.as_deref()).filter(|r| !r.is_empty());
     // Fail closed: a policy that errored was skipped by Cedar; if it was a forbid, skipping
     // it would grant what it should have denied.
     let mut errs: Vec<(String, String)> = resp
@@ -731,17 +794,13 @@ fn graduate(pset: &PolicySet, resp: &Response) -> Decision {
             Some(id) => Decision {
                 outcome: Outcome::Deny,
                 policy: Some(id.to_string()),
-                reason: pset
-                    .annotation(id, "reason")
-                    .filter(|r| !r.is_empty())
-                    .map(str::to_string)
-                    .unwrap_or_else(|| format!("forbidden by policy `{id}`")),
+                reason: reason(id).map(str::to_string).unwrap_or_else(|| format!("forbidden by policy `{id}`")),
             },
         },
         CedarDecision::Allow => {
             let mut best: Option<(Outcome, &PolicyId)> = None;
             for id in ids {
-                let o = outcome_of(pset.annotation(id, "outcome"));
+                let o = notes.get(AsRef::<str>::as_ref(id)).map_or(Outcome::Allow, |n| n.outcome);
                 // strictly greater: on ties the first id (sorted) is kept
                 if best.is_none_or(|(b, _)| o > b) {
                     best = Some((o, id));
@@ -752,11 +811,7 @@ fn graduate(pset: &PolicySet, resp: &Response) -> Decision {
                 Some((outcome, id)) => Decision {
                     outcome,
                     policy: Some(id.to_string()),
-                    reason: pset
-                        .annotation(id, "reason")
-                        .filter(|r| !r.is_empty())
-                        .map(str::to_string)
-                        .unwrap_or_else(|| format!("permitted by policy `{id}`")),
+                    reason: reason(id).map(str::to_string).unwrap_or_else(|| format!("permitted by policy `{id}`")),
                 },
             }
         }
@@ -896,6 +951,13 @@ fn load(src: &str) -> Result<Loaded, PolicyError> {
         .map(PolicySet::from_policies)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| PolicyError::new(e.to_string(), None))?;
+    let notes = policies
+        .iter()
+        .map(|p| {
+            let note = Note { outcome: outcome_of(p.annotation("outcome")), reason: p.annotation("reason").map(str::to_string) };
+            (AsRef::<str>::as_ref(p.id()).to_string(), note)
+        })
+        .collect();
     let mut ids: Vec<String> = seen.into_keys().collect();
     ids.sort();
     Ok(Loaded {
@@ -903,6 +965,7 @@ fn load(src: &str) -> Result<Loaded, PolicyError> {
         count: policies.len(),
         ids,
         per_action,
+        notes,
     })
 }
 

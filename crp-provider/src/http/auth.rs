@@ -30,6 +30,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use crp_core::signing;
+use ed25519_dalek::VerifyingKey;
 use http::{HeaderMap, Method, StatusCode, Uri};
 
 use super::backend::{AgentStatus, Backend};
@@ -219,6 +220,34 @@ pub struct Authenticator {
     backend: Arc<dyn Backend>,
     replay: Arc<ReplayCache>,
     dev: bool,
+    keys: Arc<KeyCache>,
+}
+
+/// Agents' public keys, decoded: base64 → Ed25519 point (decompressing the point is a field
+/// exponentiation, a few percent of a request). The mapping is a pure function of the stored
+/// text, so nothing can make an entry stale; only keys of known agents (read from the vault)
+/// are ever parsed. A full map starts over.
+struct KeyCache(Mutex<HashMap<String, VerifyingKey>>);
+
+/// Decoded public keys kept at once.
+const KEY_CACHE_ENTRIES: usize = 4096;
+
+impl KeyCache {
+    fn parse(&self, b64: &str) -> Result<VerifyingKey, String> {
+        if let Ok(m) = self.0.lock()
+            && let Some(k) = m.get(b64)
+        {
+            return Ok(*k);
+        }
+        let key = signing::parse_public_key(b64)?;
+        if let Ok(mut m) = self.0.lock() {
+            if m.len() >= KEY_CACHE_ENTRIES {
+                m.clear();
+            }
+            m.insert(b64.to_string(), key);
+        }
+        Ok(key)
+    }
 }
 
 /// The parts of a request the signature covers.
@@ -245,7 +274,12 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<Option<&'a str>, Aut
 impl Authenticator {
     /// An authenticator; `dev` enables the unauthenticated loopback caller.
     pub fn new(backend: Arc<dyn Backend>, dev: bool) -> Self {
-        Self { backend, replay: Arc::new(ReplayCache::new(REPLAY_CAPACITY)), dev }
+        Self {
+            backend,
+            replay: Arc::new(ReplayCache::new(REPLAY_CAPACITY)),
+            dev,
+            keys: Arc::new(KeyCache(Mutex::new(HashMap::new()))),
+        }
     }
 
     /// The replay cache (for metrics and tests).
@@ -292,7 +326,7 @@ impl Authenticator {
             .or_else(|| req.uri.authority().map(|a| a.as_str().to_string()))
             .ok_or_else(|| AuthError::auth("missing Host header"))?;
         let path_and_query = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        let key = signing::parse_public_key(&agent.public_key).map_err(|_| AuthError::auth("bad signature"))?;
+        let key = self.keys.parse(&agent.public_key).map_err(|_| AuthError::auth("bad signature"))?;
         let canonical = signing::canonical_string(req.method.as_str(), &host, path_and_query, ts, nonce, req.body);
         signing::verify(&key, &canonical, sig).map_err(|_| AuthError::auth("bad signature"))?;
         if !signing::nonce_is_well_formed(nonce) {

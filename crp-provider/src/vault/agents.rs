@@ -1,17 +1,35 @@
 //! Agent records and the approvals queue, as the vault exposes them to the HTTP server and
 //! the admin CLI (registration, bootstrap tokens, status changes, approval decisions).
 
-use crate::epoch::Domain;
-use crate::agents::{self, ApprovalRecord};
+use std::sync::Arc;
+
+use crate::agents::{self, AgentError, ApprovalRecord};
 use crate::audit::{AuditRecord, events};
+use crate::cache::Lookup;
+use crate::epoch::Domain;
 
 use super::{AgentRecord, AgentStatus, OPERATOR, Vault, VaultError};
 
 impl Vault {
 
-    /// One agent.
+    /// One agent. Served from memory while no agent, credential or setting changed in any
+    /// process of this vault (the change stamps), so a status change is seen at once.
     pub async fn agent(&self, agent_id: &str) -> Result<Option<AgentRecord>, VaultError> {
-        Ok(agents::get(&self.inner.store, agent_id).await?)
+        Ok(self.agent_shared(agent_id).await?.map(|a| AgentRecord::clone(&a)))
+    }
+
+    /// [`Vault::agent`] without the copy: the cached record itself. Unknown ids are read from
+    /// the database every time (never cached, so that a flood of made-up ids cannot fill the
+    /// cache).
+    pub(super) async fn agent_shared(&self, agent_id: &str) -> Result<Option<Arc<AgentRecord>>, AgentError> {
+        let ticket = match self.inner.agents.get(agent_id) {
+            Lookup::Hit(a) => return Ok(Some(a)),
+            Lookup::Miss(t) => t,
+        };
+        let Some(rec) = agents::get(&self.inner.store, agent_id).await? else { return Ok(None) };
+        let rec = Arc::new(rec);
+        self.inner.agents.insert(ticket, agent_id.to_string(), rec.clone());
+        Ok(Some(rec))
     }
 
     /// Create or update an agent (operator, `apply`). Returns whether anything changed.

@@ -1,14 +1,19 @@
 //! Authorization for every caller-facing operation: the caller as policies see it
 //! ([`Principal`]), the per-decision input ([`Az`]), the Cedar decision, and `enforce` (deny /
 //! approval hold, audited) plus the small helpers it needs (approval fingerprint, Cedar string
-//! escaping, credential lookup that answers -33001).
+//! escaping, credential lookup that answers -33001), and the cached reads of credential
+//! attributes every operation starts with.
+
+use std::sync::Arc;
 
 use crp_core::CrpError;
 
 use crate::{agents, crypto};
 use crate::audit::{AuditRecord, events};
+use crate::cache::Lookup;
 use crate::credentials::{self, CredentialRecord};
 use crate::policy::{Action, AuthzContext, CredentialAttrs, Decision, Outcome};
+use crate::store::StoreError;
 
 use super::{AgentStatus, Vault, internal};
 
@@ -46,20 +51,51 @@ pub(super) fn cedar_str(s: &str) -> String {
 
 impl Vault {
 
+    /// The caller as policies see it, refusing (audited) an agent that is not active. The
+    /// agent record comes from the cache ([`Vault::agent_shared`]): a status or role change
+    /// made by any process is seen by the next request.
     pub(super) async fn principal(&self, agent: &str, template: &AuditRecord) -> Result<Principal, CrpError> {
         // Pick up policy files changed on disk (by `apply`, an editor, another process) once
         // per operation.
         self.reload_policies_if_changed();
-        let rec = agents::get(&self.inner.store, agent).await.map_err(|e| internal("storage failure")(e.to_string()))?;
+        let rec = self.agent_shared(agent).await.map_err(|e| internal("storage failure")(e.to_string()))?;
         match rec {
             Some(a) if a.status != AgentStatus::Active => {
                 let why = format!("agent is {}", a.status.as_str());
                 self.append(template.clone().event(events::DENIED, "deny").with("reason", why.clone())).await?;
                 Err(CrpError::policy_denied(why, None))
             }
-            Some(a) => Ok(Principal { id: a.id, roles: a.roles }),
+            Some(a) => Ok(Principal { id: a.id.clone(), roles: a.roles.clone() }),
             None => Ok(Principal { id: agent.to_string(), roles: Vec::new() }),
         }
+    }
+
+    /// A credential's attributes (no value) by key: from memory while no agent, credential or
+    /// setting changed in any process of this vault, else from the database. A missing key is
+    /// read every time (never cached).
+    pub(super) async fn credential_shared(&self, key: &str) -> Result<Option<Arc<CredentialRecord>>, StoreError> {
+        let ticket = match self.inner.creds_by_key.get(key) {
+            Lookup::Hit(c) => return Ok(Some(c)),
+            Lookup::Miss(t) => t,
+        };
+        let Some(rec) = credentials::get(&self.inner.store, key).await? else { return Ok(None) };
+        let rec = Arc::new(rec);
+        self.inner.creds_by_key.insert(ticket, key.to_string(), rec.clone());
+        Ok(Some(rec))
+    }
+
+    /// Every credential offering `service`, by key, cached like [`Vault::credential_shared`]
+    /// (an empty answer is read every time).
+    pub(super) async fn credentials_of_service(&self, service: &str) -> Result<Arc<Vec<CredentialRecord>>, StoreError> {
+        let ticket = match self.inner.creds_by_service.get(service) {
+            Lookup::Hit(c) => return Ok(c),
+            Lookup::Miss(t) => t,
+        };
+        let found = Arc::new(credentials::by_service(&self.inner.store, service).await?);
+        if !found.is_empty() {
+            self.inner.creds_by_service.insert(ticket, service.to_string(), found.clone());
+        }
+        Ok(found)
     }
 
     pub(super) fn decide(&self, who: &Principal, action: Action, cred: &CredentialRecord, az: &Az<'_>) -> Decision {

@@ -1,7 +1,9 @@
 //! `crp/lease` (renew / release) and `crp/revoke` on an existing lease, with the ownership
-//! check they share.
+//! check they share, and [`LeaseFacts`]: what release needs to know about a lease, kept in
+//! memory from the moment the lease is granted.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use crp_core::CrpError;
 use crp_core::provider::CallContext;
@@ -12,7 +14,8 @@ use crp_core::types::{
 
 use crate::epoch::Domain;
 use crate::audit::{AuditRecord, events};
-use crate::credentials::{self, CredentialKind, CredentialRecord};
+use crate::cache::Lookup;
+use crate::credentials::{CredentialKind, CredentialRecord};
 use crate::leases::{self, LeaseError, LeaseRecord};
 use crate::policy::Action;
 use crate::store::{now_ms, rfc3339};
@@ -20,7 +23,81 @@ use crate::store::{now_ms, rfc3339};
 use super::{Vault, internal, lease_err};
 use super::authz::Az;
 
+/// The parts of a lease that never change once it exists: holder, credential, service,
+/// scopes, context and depth. Its state and expiry are deliberately not here (release, revoke,
+/// expiry and renewal change them), so a cached copy cannot go stale and needs no change stamp;
+/// release checks state and expiry inside its own `UPDATE`, in the audit writer's transaction.
+pub(super) struct LeaseFacts {
+    agent: String,
+    credential_key: String,
+    service: String,
+    scopes: Vec<String>,
+    purpose: Option<String>,
+    consumer: Option<String>,
+    depth: u32,
+}
+
+impl LeaseFacts {
+    fn of(l: &LeaseRecord) -> Self {
+        Self {
+            agent: l.agent.clone(),
+            credential_key: l.credential_key.clone(),
+            service: l.service.clone(),
+            scopes: l.scopes.clone(),
+            purpose: l.purpose.clone(),
+            consumer: l.consumer.clone(),
+            depth: l.depth,
+        }
+    }
+}
+
+/// What policy sees of a credential that was deleted while leases on it lived: nothing but its
+/// key and service, at the most restrictive classification.
+fn deleted_credential(key: &str, service: &str) -> CredentialRecord {
+    CredentialRecord {
+        key: key.to_string(),
+        service: service.to_string(),
+        kind: CredentialKind::Custom,
+        classification: Classification::Restricted,
+        tags: vec![],
+        scopes: vec![],
+        max_ttl: None,
+        renewable: false,
+        metadata: BTreeMap::new(),
+        expires_at: None,
+        version: 0,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
+
 impl Vault {
+
+    /// Keep the facts of a lease just granted, so that its release reads nothing.
+    pub(super) fn remember_lease(&self, rec: &LeaseRecord) {
+        if let Lookup::Miss(ticket) = self.inner.lease_facts.get(&rec.id) {
+            self.inner.lease_facts.insert(ticket, rec.id.clone(), Arc::new(LeaseFacts::of(rec)));
+        }
+    }
+
+    /// A lease's facts, from memory or (a lease granted by another process, or long ago) the
+    /// database. Unknown ids are not cached.
+    async fn lease_facts(&self, lease_id: &str) -> Result<Option<Arc<LeaseFacts>>, LeaseError> {
+        let ticket = match self.inner.lease_facts.get(lease_id) {
+            Lookup::Hit(f) => return Ok(Some(f)),
+            Lookup::Miss(t) => t,
+        };
+        let Some(l) = leases::get(&self.inner.store, lease_id).await? else { return Ok(None) };
+        let facts = Arc::new(LeaseFacts::of(&l));
+        self.inner.lease_facts.insert(ticket, lease_id.to_string(), facts.clone());
+        Ok(Some(facts))
+    }
+
+    /// The credential behind a lease as policy sees it (a stand-in when it was deleted).
+    async fn lease_credential(&self, key: &str, service: &str) -> Result<Arc<CredentialRecord>, CrpError> {
+        let cred = self.credential_shared(key).await.map_err(|e| internal("storage failure")(e.to_string()))?;
+        Ok(cred.unwrap_or_else(|| Arc::new(deleted_credential(key, service))))
+    }
 
     async fn owned_lease(&self, agent: &str, lease_id: &str, template: &AuditRecord) -> Result<(LeaseRecord, CredentialRecord), CrpError> {
         let store = &self.inner.store;
@@ -30,72 +107,68 @@ impl Vault {
                 .await?;
             return Err(CrpError::lease_not_found(lease_id));
         };
-        let cred = credentials::get(store, &l.credential_key).await.map_err(|e| internal("storage failure")(e.to_string()))?;
-        let cred = cred.unwrap_or_else(|| CredentialRecord {
-            key: l.credential_key.clone(),
-            service: l.service.clone(),
-            kind: CredentialKind::Custom,
-            classification: Classification::Restricted,
-            tags: vec![],
-            scopes: vec![],
-            max_ttl: None,
-            renewable: false,
-            metadata: BTreeMap::new(),
-            expires_at: None,
-            version: 0,
-            created_at: 0,
-            updated_at: 0,
-        });
-        Ok((l, cred))
+        let cred = self.lease_credential(&l.credential_key, &l.service).await?;
+        Ok((l, CredentialRecord::clone(&cred)))
     }
 
     pub(super) async fn do_lease(&self, ctx: &CallContext, p: LeaseParams) -> Result<LeaseResult, CrpError> {
+        match p.action {
+            LeaseAction::Renew => self.do_renew(ctx, p).await,
+            LeaseAction::Release => self.do_release(ctx, p).await,
+        }
+    }
+
+    async fn do_renew(&self, ctx: &CallContext, p: LeaseParams) -> Result<LeaseResult, CrpError> {
         let store = &self.inner.store;
-        let event = match p.action {
-            LeaseAction::Renew => events::LEASE_RENEWED,
-            LeaseAction::Release => events::LEASE_RELEASED,
-        };
-        let template = AuditRecord::new(event, &ctx.agent, "allow").lease(&p.lease_id).with("transport", ctx.transport.as_str());
+        let template =
+            AuditRecord::new(events::LEASE_RENEWED, &ctx.agent, "allow").lease(&p.lease_id).with("transport", ctx.transport.as_str());
         let who = self.principal(&ctx.agent, &template).await?;
         let (l, cred) = self.owned_lease(&who.id, &p.lease_id, &template).await?;
         let template = template.key(&l.credential_key).service(&l.service);
         let now = now_ms();
-        match p.action {
-            LeaseAction::Renew => {
-                let caps = self.caps(&cred);
-                let increment = caps.grant_ttl(p.ttl.or(Some(l.ttl)));
-                let az = Az { scopes: &l.scopes, ttl: increment, purpose: l.purpose.as_deref(), consumer: l.consumer.as_deref(), depth: l.depth };
-                let policy = self.authorize(&who, Action::Renew, &cred, &az, &template).await?;
-                if let Err(e) = leases::check_usable(&l, now) {
-                    self.append(template.event(events::ERROR, "error").with("reason", e.to_string())).await?;
-                    return Err(lease_err(e, &l.id));
-                }
-                if !cred.renewable || l.expires_at >= l.max_expires_at {
-                    let why = if cred.renewable { "the lease has reached its maximum lifetime" } else { "the credential's leases are not renewable" };
-                    self.append(template.event(events::ERROR, "error").with("reason", why)).await?;
-                    return Err(CrpError::lease_not_renewable(&l.id, why));
-                }
-                self.append(template.clone().policy(policy.as_deref()).with("increment", increment)).await?;
-                let rec = leases::renew(store, &l.id, increment, now).await;
-                self.changed(Domain::Leases);
-                let rec = rec.map_err(|e| lease_err(e, &l.id))?;
-                Ok(LeaseResult::Renewed(LeaseRenewed { lease: rec.to_wire(), proxy_base_url: Some(self.proxy_url(&rec.id)), credential: None }))
-            }
-            LeaseAction::Release => {
-                let az = Az { scopes: &l.scopes, ttl: 0, purpose: l.purpose.as_deref(), consumer: l.consumer.as_deref(), depth: l.depth };
-                let policy = self.authorize(&who, Action::Release, &cred, &az, &template).await?;
-                if let Err(e) = leases::check_usable(&l, now) {
-                    self.append(template.event(events::ERROR, "error").with("reason", e.to_string())).await?;
-                    return Err(lease_err(e, &l.id));
-                }
-                // The release and its `lease.released` entry commit together.
-                let op = leases::LeaseOp::Release { id: l.id.clone(), now };
-                let released = self.lease_op(template.clone().policy(policy.as_deref()), template, op, &l.id).await;
-                self.changed(Domain::Leases);
-                released?;
-                Ok(LeaseResult::Released(LeaseReleased { released: true, lease_id: l.id }))
-            }
+        let caps = self.caps(&cred);
+        let increment = caps.grant_ttl(p.ttl.or(Some(l.ttl)));
+        let az = Az { scopes: &l.scopes, ttl: increment, purpose: l.purpose.as_deref(), consumer: l.consumer.as_deref(), depth: l.depth };
+        let policy = self.authorize(&who, Action::Renew, &cred, &az, &template).await?;
+        if let Err(e) = leases::check_usable(&l, now) {
+            self.append(template.event(events::ERROR, "error").with("reason", e.to_string())).await?;
+            return Err(lease_err(e, &l.id));
         }
+        if !cred.renewable || l.expires_at >= l.max_expires_at {
+            let why = if cred.renewable { "the lease has reached its maximum lifetime" } else { "the credential's leases are not renewable" };
+            self.append(template.event(events::ERROR, "error").with("reason", why)).await?;
+            return Err(CrpError::lease_not_renewable(&l.id, why));
+        }
+        self.append(template.clone().policy(policy.as_deref()).with("increment", increment)).await?;
+        let rec = leases::renew(store, &l.id, increment, now).await;
+        self.changed(Domain::Leases);
+        let rec = rec.map_err(|e| lease_err(e, &l.id))?;
+        Ok(LeaseResult::Renewed(LeaseRenewed { lease: rec.to_wire(), proxy_base_url: Some(self.proxy_url(&rec.id)), credential: None }))
+    }
+
+    /// Release: ownership and policy on the lease's facts and credential (both normally in
+    /// memory), then one group-committed `UPDATE` that also checks the lease is still active and
+    /// unexpired; a lease that is not is refused there (`credential.error` audited, the same
+    /// answer as before the release was attempted).
+    async fn do_release(&self, ctx: &CallContext, p: LeaseParams) -> Result<LeaseResult, CrpError> {
+        let template =
+            AuditRecord::new(events::LEASE_RELEASED, &ctx.agent, "allow").lease(&p.lease_id).with("transport", ctx.transport.as_str());
+        let who = self.principal(&ctx.agent, &template).await?;
+        let facts = self.lease_facts(&p.lease_id).await.map_err(|e| lease_err(e, &p.lease_id))?;
+        let Some(l) = facts.filter(|l| l.agent == who.id) else {
+            self.append(template.event(events::DENIED, "deny").with("reason", "lease not found or not held by the caller")).await?;
+            return Err(CrpError::lease_not_found(&p.lease_id));
+        };
+        let cred = self.lease_credential(&l.credential_key, &l.service).await?;
+        let template = template.key(&l.credential_key).service(&l.service);
+        let az = Az { scopes: &l.scopes, ttl: 0, purpose: l.purpose.as_deref(), consumer: l.consumer.as_deref(), depth: l.depth };
+        let policy = self.authorize(&who, Action::Release, &cred, &az, &template).await?;
+        // The release and its `lease.released` entry commit together.
+        let op = leases::LeaseOp::Release { id: p.lease_id.clone(), now: now_ms() };
+        let released = self.lease_op(template.clone().policy(policy.as_deref()), template, op, &p.lease_id).await;
+        self.changed(Domain::Leases);
+        released?;
+        Ok(LeaseResult::Released(LeaseReleased { released: true, lease_id: p.lease_id }))
     }
 
     pub(super) async fn do_revoke(&self, ctx: &CallContext, p: RevokeParams) -> Result<RevokeResult, CrpError> {

@@ -26,6 +26,8 @@
 //! - `agents`: agent records and the approvals queue.
 //! - `operator`: the admin CLI's operations, and [`validate_new`].
 //! - `fixtures`: [`Vault::load_fixtures`].
+//! - `policy_watch`: whether the policy directory may have changed (the per-operation reload
+//!   check).
 //! - `ext`: the `x-crp/` extension methods.
 //! - `provider`: `impl crp_core::Provider for Vault`, dispatching to the above.
 
@@ -41,7 +43,7 @@ use zeroize::Zeroizing;
 use crate::agents::{AgentError, ApprovalRecord};
 use crate::audit::{self, AuditLog, AuditRecord, events};
 use crate::broker::Broker;
-use crate::cache::EpochCache;
+use crate::cache::{EpochCache, Lookup};
 use crate::config::{Config, Paths, PROVIDER_MAX_DELEGATION_DEPTH};
 use crate::credentials::CredentialRecord;
 use crate::crypto::{self, KdfParams, KekInput, Key32, KeyEnvelope};
@@ -58,6 +60,7 @@ mod fixtures;
 mod lease_ops;
 mod list_resolve;
 mod operator;
+mod policy_watch;
 mod provider;
 mod proxy;
 mod use_lease;
@@ -73,6 +76,9 @@ pub const OPERATOR: &str = "operator";
 pub const DEFAULT_PROXY_BASE: &str = "http://127.0.0.1:7700";
 /// Leases the proxy keeps opened in memory (a full cache starts over).
 const GRANT_CACHE_ENTRIES: usize = 65_536;
+/// Agents, credentials (by key, by service) and lease facts kept in memory (a full cache starts
+/// over).
+const READ_CACHE_ENTRIES: usize = 65_536;
 /// The longest a cached read is trusted without a stamp change: a bound for the case where a
 /// process committed a change and died (or failed to write the stamp) before recording it.
 const CACHE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(5);
@@ -274,6 +280,9 @@ struct Inner {
     reaper: Mutex<Option<JoinHandle<()>>>,
     policy: PolicyEngine,
     policy_stamp: Mutex<PolicyStamp>,
+    /// Tells the reload check when the policy directory cannot have changed (taken while
+    /// `policy_stamp` is held).
+    policy_watch: Mutex<policy_watch::PolicyWatch>,
     proxy_base: RwLock<String>,
     broker: Mutex<Option<Broker>>,
     /// A throwaway vault made by [`Vault::open_ephemeral`] (`serve --dev`, tests).
@@ -282,6 +291,18 @@ struct Inner {
     epochs: Epochs,
     /// The proxy's view of leases in use, valid while no lease, agent or credential changed.
     grants: EpochCache<String, Arc<proxy_lookup::LeaseView>>,
+    /// Agents by id (found ones only: unknown ids are never cached), valid while no agent,
+    /// credential or setting changed. Read by HTTP authentication and by every operation.
+    agents: EpochCache<String, Arc<AgentRecord>>,
+    /// Credential attributes (no value) of a service, by service (non-empty lists only).
+    creds_by_service: EpochCache<String, Arc<Vec<CredentialRecord>>>,
+    /// Credential attributes (no value) by key (found ones only).
+    creds_by_key: EpochCache<String, Arc<CredentialRecord>>,
+    /// The delegation depth cap (`meta.max_delegation_depth`).
+    depth_cap: EpochCache<(), u32>,
+    /// The parts of a lease that never change (holder, credential, scopes, depth, ...), by id:
+    /// valid without any stamp, see [`lease_ops::LeaseFacts`].
+    lease_facts: EpochCache<String, Arc<lease_ops::LeaseFacts>>,
 }
 
 /// The vault. Cheap to clone (an `Arc` inside).
@@ -550,6 +571,17 @@ impl Vault {
             None => Epochs::disabled(),
         };
         let grants = EpochCache::new(epochs.clone(), &[Domain::Config, Domain::Leases], GRANT_CACHE_ENTRIES, CACHE_MAX_AGE);
+        fn config_cache<K: Eq + std::hash::Hash, V: Clone>(epochs: &Epochs, cap: usize) -> EpochCache<K, V> {
+            EpochCache::new(epochs.clone(), &[Domain::Config], cap, CACHE_MAX_AGE)
+        }
+        let agents = config_cache(&epochs, READ_CACHE_ENTRIES);
+        let creds_by_service = config_cache(&epochs, READ_CACHE_ENTRIES);
+        let creds_by_key = config_cache(&epochs, READ_CACHE_ENTRIES);
+        let depth_cap = config_cache(&epochs, 1);
+        // No domain: a lease's facts never change once it exists (its state and expiry are not
+        // among them), so no stamp can make them stale.
+        let lease_facts = EpochCache::new(epochs.clone(), &[], READ_CACHE_ENTRIES, CACHE_MAX_AGE);
+        let policy_watch = Mutex::new(policy_watch::PolicyWatch::new(paths.policies_dir(), epochs.enabled()));
         let proxy_base = config.proxy_base_url.clone().unwrap_or_else(|| DEFAULT_PROXY_BASE.into());
         let vault = Vault {
             inner: Arc::new(Inner {
@@ -563,11 +595,17 @@ impl Vault {
                 reaper: Mutex::new(None),
                 policy,
                 policy_stamp: Mutex::new(stamp),
+                policy_watch,
                 proxy_base: RwLock::new(proxy_base),
                 broker: Mutex::new(None),
                 ephemeral: std::sync::atomic::AtomicBool::new(false),
                 epochs,
                 grants,
+                agents,
+                creds_by_service,
+                creds_by_key,
+                depth_cap,
+                lease_facts,
             }),
         };
         vault.start_reaper();
@@ -691,10 +729,19 @@ impl Vault {
         &self.inner.policy
     }
 
+    /// Reload the policy files if any changed on disk (compared by name, mtime and size). The
+    /// directory is listed only when its watch reports a change or cannot vouch for it (see
+    /// [`policy_watch`]); both checks run under the stamp lock, so that an operation that finds
+    /// no new change also waits for a reload another operation is making.
     fn reload_policies_if_changed(&self) {
+        let Ok(mut cur) = self.inner.policy_stamp.lock() else { return };
+        if let Ok(mut watch) = self.inner.policy_watch.lock()
+            && !watch.maybe_changed()
+        {
+            return;
+        }
         let dir = self.inner.paths.policies_dir();
         let stamp = policy_stamp(&dir);
-        let Ok(mut cur) = self.inner.policy_stamp.lock() else { return };
         if *cur == stamp {
             return;
         }
@@ -744,13 +791,21 @@ impl Vault {
         }
     }
 
-    /// The delegation depth cap of this vault (`meta.max_delegation_depth`, else 4).
+    /// The delegation depth cap of this vault (`meta.max_delegation_depth`, else 4). Cached
+    /// while no setting changed (in any process); a failed read is not cached.
     async fn depth_cap(&self) -> u32 {
-        match self.inner.store.meta_get("max_delegation_depth").await {
+        let ticket = match self.inner.depth_cap.get(&()) {
+            Lookup::Hit(cap) => return cap,
+            Lookup::Miss(t) => t,
+        };
+        let cap = match self.inner.store.meta_get("max_delegation_depth").await {
             Ok(Some(v)) => std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()).unwrap_or(PROVIDER_MAX_DELEGATION_DEPTH),
-            _ => PROVIDER_MAX_DELEGATION_DEPTH,
+            Ok(None) => PROVIDER_MAX_DELEGATION_DEPTH,
+            Err(_) => return PROVIDER_MAX_DELEGATION_DEPTH.min(16),
         }
-        .min(16)
+        .min(16);
+        self.inner.depth_cap.insert(ticket, (), cap);
+        cap
     }
 
     /// Set the delegation depth cap (persisted).

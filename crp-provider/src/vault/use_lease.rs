@@ -8,7 +8,7 @@ use crp_core::types::{CredentialDescriptor, UseParams, UseResult};
 use zeroize::Zeroizing;
 
 use crate::audit::{AuditRecord, events};
-use crate::credentials::{self, CredentialRecord};
+use crate::credentials::CredentialRecord;
 use crate::crypto;
 use crate::leases::{self, Caps, LeaseRecord, NewLease};
 use crate::policy::{Action, Decision, Outcome};
@@ -57,9 +57,8 @@ impl Vault {
         if let Some(del) = &p.delegation {
             return self.do_delegate(ctx, &who, &p, del, template).await;
         }
-        let store = &self.inner.store;
         let candidates =
-            credentials::by_service(store, &p.service).await.map_err(|e| internal("storage failure")(e.to_string()))?;
+            self.credentials_of_service(&p.service).await.map_err(|e| internal("storage failure")(e.to_string()))?;
         if candidates.is_empty() {
             self.append(template.event(events::DENIED, "deny").with("reason", "service not found")).await?;
             return Err(CrpError::service_not_found(&p.service));
@@ -107,7 +106,7 @@ impl Vault {
         if !cred.renewable {
             caps.max_lease_lifetime = ttl;
         }
-        let (nl, token) = new_lease(&who, &cred, requested.clone(), ttl, caps, purpose, consumer)?;
+        let (nl, token) = new_lease(&who, cred, requested.clone(), ttl, caps, purpose, consumer)?;
         let lease_id = nl.id.clone();
         let depth_cap = self.depth_cap().await;
         // The lease row and its `credential.leased` entry commit together in the audit
@@ -115,6 +114,7 @@ impl Vault {
         let entry = template.clone().policy(policy.as_deref()).lease(&lease_id).with("ttl", ttl).with("scopes", requested.clone());
         let op = leases::LeaseOp::InsertRoot(leases::root_record(&nl, depth_cap, now_ms()));
         let rec = self.lease_insert(entry, template.lease(&lease_id), op, &lease_id).await?;
+        self.remember_lease(&rec);
         Ok(self.use_result(&rec, cred, Some(token.to_string())))
     }
 
@@ -159,7 +159,7 @@ impl Vault {
         }
         let template = template.key(&parent.credential_key);
         let Some(cred) =
-            credentials::get(store, &parent.credential_key).await.map_err(|e| internal("storage failure")(e.to_string()))?
+            self.credential_shared(&parent.credential_key).await.map_err(|e| internal("storage failure")(e.to_string()))?
         else {
             return Err(CrpError::credential_unavailable("the parent lease's credential was deleted"));
         };
@@ -193,6 +193,7 @@ impl Vault {
             now: now_ms(),
         };
         let rec = self.lease_insert(entry, template.lease(&lease_id), op, &parent.id).await?;
+        self.remember_lease(&rec);
         Ok(self.use_result(&rec, &cred, Some(token.to_string())))
     }
 }
