@@ -1,4 +1,4 @@
-//! The audit log: append-only, HMAC-chained, durable before the caller is answered.
+//! The audit log: append-only, HMAC-chained, committed (by default durably) before the caller is answered.
 //!
 //! - **Chain.** Entry `n` stores `mac_n = HMAC-SHA256(audit_key, mac_{n-1} || canonical(entry_n))`
 //!   with `mac_0` = 32 zero bytes. `canonical` is the JSON array of every column including the
@@ -9,7 +9,23 @@
 //! - **Group commit.** Callers hand entries to one writer task over a channel and wait for the
 //!   acknowledgement; the writer takes everything queued (up to 256), writes it in one
 //!   transaction (`BEGIN IMMEDIATE` on SQLite, an advisory lock on PostgreSQL, so several
-//!   processes keep one chain), commits with `synchronous=FULL`, then acknowledges them all.
+//!   processes keep one chain), commits (durably: see below), then acknowledges them all.
+//! - **Few round trips per batch.** The writer keeps its own connection (no pool checkout and
+//!   liveness ping per batch) and remembers the chain head (seq, MAC) after each commit
+//!   instead of reading it again. If another process appended meanwhile, the first new entry
+//!   collides with the primary key on `seq`; the batch is rolled back and redone once with the
+//!   head read inside the transaction, under the write lock, so the redo cannot collide again.
+//!   After any failure the head is forgotten and read again. The entries and the head go in one
+//!   statement whose text is the same for every batch size (SQLite: the rows as one JSON array
+//!   through `json_each`; PostgreSQL: one array per column through `UNNEST`), so it stays
+//!   prepared. On SQLite, a batch without lease mutations is one call into the connection's
+//!   worker thread: `BEGIN IMMEDIATE`, insert, head, `COMMIT` in one multi-statement text.
+//! - **Durability** (`[audit] durability` in `config.toml`, [`Durability`]). `fsync` (the
+//!   default): the commit is on stable storage before anyone is answered (SQLite
+//!   `synchronous=FULL`, one fsync per group commit). `os`: committed without waiting for the
+//!   flush (SQLite `synchronous=NORMAL` in WAL mode on the writer's connection, PostgreSQL
+//!   `SET LOCAL synchronous_commit = off`): a crash of the process loses nothing, a power loss
+//!   or kernel crash may lose the last commits (whole transactions; the chain stays intact).
 //! - **Lease mutations ride along.** An entry may carry a [`LeaseOp`] (new root lease, delegated
 //!   child, release; [`AuditLog::append_with`]). The writer runs the batch's mutations inside
 //!   the same transaction, before the entries (new root leases in one multi-row `INSERT`), so a
@@ -31,7 +47,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::crypto::{Key32, hmac_sha256};
 use crate::leases::{LeaseConn, LeaseError, LeaseOp, LeaseOutcome, LeaseRecord};
-use crate::store::{Engine, Store, StoreError, now_ms, parse_rfc3339, rfc3339, with_pool, with_write_tx};
+use crate::config::Durability;
+use crate::store::{Store, StoreError, now_ms, parse_rfc3339, rfc3339, with_pool};
 
 /// Event names (v0.1 §10.1 and this implementation's additions).
 pub mod events {
@@ -176,6 +193,11 @@ pub enum AppendError {
 }
 
 type Ack = Result<(i64, Option<LeaseOutcome>), AppendError>;
+/// One item's result inside the writer: its sequence number and lease outcome, or the refusal
+/// of its lease mutation.
+type ItemResult = Result<(i64, Option<LeaseOutcome>), LeaseError>;
+/// Each item's lease mutation result before the entries are chained.
+type OpResults = Vec<Result<Option<LeaseOutcome>, LeaseError>>;
 
 struct Req {
     rec: AuditRecord,
@@ -189,12 +211,25 @@ struct Req {
 struct BatchFail {
     msg: String,
     culprit: Option<(usize, LeaseError)>,
+    /// The entries collided with existing sequence numbers while the writer trusted the head it
+    /// remembered: another process appended since. The batch is redone with the head re-read.
+    stale_head: bool,
+    /// The connection itself failed (not a statement refused by the database): drop it.
+    broken: bool,
 }
 
 impl From<sqlx::Error> for BatchFail {
     fn from(e: sqlx::Error) -> Self {
-        Self { msg: e.to_string(), culprit: None }
+        let broken = !matches!(e, sqlx::Error::Database(_));
+        Self { msg: e.to_string(), culprit: None, stale_head: false, broken }
     }
+}
+
+/// The failure of the statement that inserts the entries; a primary-key collision there means
+/// the remembered head (`cached`) was stale.
+fn insert_fail(e: sqlx::Error, cached: bool) -> BatchFail {
+    let collided = matches!(&e, sqlx::Error::Database(d) if d.kind() == sqlx::error::ErrorKind::UniqueViolation);
+    BatchFail { stale_head: cached && collided, ..BatchFail::from(e) }
 }
 
 /// Handle on the group-commit writer. Cloning shares the writer.
@@ -209,11 +244,14 @@ pub struct AuditLog {
 struct Stats {
     batches: std::sync::atomic::AtomicU64,
     entries: std::sync::atomic::AtomicU64,
+    /// Batches redone because another process had appended since this writer's last commit.
+    redone: std::sync::atomic::AtomicU64,
 }
 
-/// Canonical bytes of an entry (what the MAC covers).
+/// Canonical bytes of an entry (what the MAC covers), written into `out` (cleared first).
 #[allow(clippy::too_many_arguments)]
-fn canonical(
+fn canonical_into(
+    out: &mut Vec<u8>,
     seq: i64,
     ts: i64,
     action: &str,
@@ -226,23 +264,13 @@ fn canonical(
     purpose: Option<&str>,
     trace_id: Option<&str>,
     detail: &str,
-) -> Vec<u8> {
-    serde_json::to_vec(&(
-        "crp-audit-v1",
-        seq,
-        ts,
-        action,
-        requester,
-        decision,
-        policy,
-        key,
-        service,
-        lease_id,
-        purpose,
-        trace_id,
-        detail,
-    ))
-    .unwrap_or_default()
+) {
+    out.clear();
+    // Serialising strings, integers and options into a Vec cannot fail.
+    let _ = serde_json::to_writer(
+        &mut *out,
+        &("crp-audit-v1", seq, ts, action, requester, decision, policy, key, service, lease_id, purpose, trace_id, detail),
+    );
 }
 
 fn head_bytes(seq: i64, mac: &[u8]) -> Vec<u8> {
@@ -268,8 +296,9 @@ type Row = (
 );
 const COLS: &str = "seq, ts, action, requester, decision, policy, key, service, lease_id, purpose, trace_id, detail, mac";
 
-fn row_canonical(r: &Row) -> Vec<u8> {
-    canonical(
+fn row_canonical(r: &Row, out: &mut Vec<u8>) {
+    canonical_into(
+        out,
         r.0,
         r.1,
         &r.2,
@@ -282,153 +311,471 @@ fn row_canonical(r: &Row) -> Vec<u8> {
         r.9.as_deref(),
         r.10.as_deref(),
         &r.11,
-    )
+    );
 }
 
-/// Write `batch` in one transaction: first each item's lease mutation (in queue order), then
-/// the audit entries of every item whose mutation was not refused, chained, then the head.
-/// Returns one result per item: `Ok((seq, outcome))`, or `Err` for a refused mutation (that
-/// item gets no entry). A storage error anywhere rolls the whole batch back.
-async fn write_batch(
-    store: &Store,
+/// The chain head: the last sequence number and its MAC (`(0, 32 zero bytes)` for an empty log).
+#[derive(Clone)]
+struct Head {
+    seq: i64,
+    mac: Vec<u8>,
+}
+
+impl Head {
+    fn from_row(row: Option<(i64, Vec<u8>)>) -> Self {
+        let (seq, mac) = row.unwrap_or((0, vec![0u8; 32]));
+        Self { seq, mac }
+    }
+}
+
+const HEAD_SQL: &str = "SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1";
+
+/// One entry, chained, ready to insert.
+struct Entry<'a> {
+    seq: i64,
+    req: &'a Req,
+    detail: String,
+    mac: [u8; 32],
+}
+
+/// Chain the entries of every item whose mutation was not refused onto `head`. Returns the
+/// entries, one result per item, and the new head.
+fn chain<'a>(
     key: &Key32,
-    batch: &[Req],
-) -> Result<Vec<Result<(i64, Option<LeaseOutcome>), LeaseError>>, BatchFail> {
-    let lock_pg = store.engine() == Engine::Postgres;
-    let out = with_write_tx!(store, |tx| {
-        if lock_pg {
-            sqlx::query("SELECT pg_advisory_xact_lock(770002)").execute(&mut *tx).await?;
-        }
-        // Lease mutations first: an entry is only written for a mutation that happened.
-        // New root leases go in one multi-row statement. They can go first: no other op in
-        // the batch can name them, since their ids reach clients only after the commit.
-        let roots: Vec<&LeaseRecord> = batch
-            .iter()
-            .filter_map(|r| match &r.op {
-                Some(LeaseOp::InsertRoot(rec)) => Some(rec),
-                _ => None,
-            })
-            .collect();
-        if let Err(e) = LeaseConn::insert_roots(&mut *tx, &roots).await {
-            // Which item is at fault is only known when items are retried one by one.
-            let culprit = if batch.len() == 1 { Some((0, e)) } else { None };
-            return Err(BatchFail { msg: "lease insert failed".into(), culprit });
-        }
-        let mut results: Vec<Result<Option<LeaseOutcome>, LeaseError>> = Vec::with_capacity(batch.len());
-        for (i, r) in batch.iter().enumerate() {
-            match &r.op {
-                None => results.push(Ok(None)),
-                Some(LeaseOp::InsertRoot(rec)) => results.push(Ok(Some(LeaseOutcome::Inserted(rec.clone())))),
-                Some(op) => match LeaseConn::apply_op(&mut *tx, op).await {
-                    Ok(o) => results.push(Ok(Some(o))),
-                    Err(LeaseError::Store(e)) => {
-                        return Err(BatchFail { msg: e.to_string(), culprit: Some((i, LeaseError::Store(e))) });
-                    }
-                    Err(e) => results.push(Err(e)),
-                },
+    head: &Head,
+    batch: &'a [Req],
+    ops: OpResults,
+    scratch: &mut Vec<u8>,
+) -> (Vec<Entry<'a>>, Vec<ItemResult>, Head) {
+    let mut seq = head.seq;
+    let mut prev: &[u8] = &head.mac;
+    let mut entries: Vec<Entry<'a>> = Vec::with_capacity(batch.len());
+    let mut out = Vec::with_capacity(batch.len());
+    for (r, res) in batch.iter().zip(ops) {
+        let outcome = match res {
+            Ok(o) => o,
+            Err(e) => {
+                out.push(Err(e));
+                continue;
             }
-        }
-        let last: Option<(i64, Vec<u8>)> =
-            sqlx::query_as("SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1").fetch_optional(&mut *tx).await?;
-        let (mut seq, mut prev) = last.unwrap_or((0, vec![0u8; 32]));
-        let mut rows = Vec::with_capacity(batch.len());
-        let mut out = Vec::with_capacity(batch.len());
-        for (r, res) in batch.iter().zip(results) {
-            let outcome = match res {
-                Ok(o) => o,
-                Err(e) => {
-                    out.push(Err(e));
-                    continue;
-                }
-            };
-            seq += 1;
-            let detail = serde_json::to_string(&r.rec.detail).unwrap_or_else(|_| "{}".into());
-            let c = canonical(
-                seq,
-                r.ts,
-                &r.rec.action,
-                &r.rec.requester,
-                &r.rec.decision,
-                r.rec.policy.as_deref(),
-                r.rec.key.as_deref(),
-                r.rec.service.as_deref(),
-                r.rec.lease_id.as_deref(),
-                r.rec.purpose.as_deref(),
-                r.rec.trace_id.as_deref(),
-                &detail,
-            );
-            let mac = hmac_sha256(key.bytes(), &[&prev, &c]).to_vec();
-            prev = mac.clone();
-            rows.push((seq, r, detail, mac));
-            out.push(Ok((seq, outcome)));
-        }
-        if !rows.is_empty() {
-            let mut qb = sqlx::QueryBuilder::new(
-                "INSERT INTO audit (seq, ts, action, requester, decision, policy, key, service, lease_id, purpose, trace_id, detail, mac) ",
-            );
-            qb.push_values(rows.iter(), |mut b, (seq, r, detail, mac)| {
-                b.push_bind(*seq)
-                    .push_bind(r.ts)
-                    .push_bind(r.rec.action.clone())
-                    .push_bind(r.rec.requester.clone())
-                    .push_bind(r.rec.decision.clone())
-                    .push_bind(r.rec.policy.clone())
-                    .push_bind(r.rec.key.clone())
-                    .push_bind(r.rec.service.clone())
-                    .push_bind(r.rec.lease_id.clone())
-                    .push_bind(r.rec.purpose.clone())
-                    .push_bind(r.rec.trace_id.clone())
-                    .push_bind(detail.clone())
-                    .push_bind(mac.clone());
-            });
-            qb.build().execute(&mut *tx).await?;
-            sqlx::query(
-                "INSERT INTO meta (name, value) VALUES ('audit_head', $1) ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-            )
-            .bind(head_bytes(seq, &prev))
-            .execute(&mut *tx)
-            .await?;
-        }
-        out
-    });
-    Ok(out)
+        };
+        seq += 1;
+        let rec = &r.rec;
+        let detail = serde_json::to_string(&rec.detail).unwrap_or_else(|_| "{}".into());
+        canonical_into(
+            scratch,
+            seq,
+            r.ts,
+            &rec.action,
+            &rec.requester,
+            &rec.decision,
+            rec.policy.as_deref(),
+            rec.key.as_deref(),
+            rec.service.as_deref(),
+            rec.lease_id.as_deref(),
+            rec.purpose.as_deref(),
+            rec.trace_id.as_deref(),
+            &detail,
+        );
+        let mac = hmac_sha256(key.bytes(), &[prev, scratch]);
+        entries.push(Entry { seq, req: r, detail, mac });
+        prev = &entries[entries.len() - 1].mac;
+        out.push(Ok((seq, outcome)));
+    }
+    let new_head = Head { seq, mac: prev.to_vec() };
+    (entries, out, new_head)
 }
 
-/// Commit `buf` and acknowledge every caller. One transaction for the whole batch; if it
-/// fails, each item is retried alone (its own transaction), so one bad item cannot fail its
-/// neighbours and each caller gets its own result.
-async fn commit_and_ack(store: &Store, key: &Key32, stats: &Stats, buf: &mut Vec<Req>) {
-    use std::sync::atomic::Ordering::Relaxed;
-    let count = |results: &[Result<(i64, Option<LeaseOutcome>), LeaseError>]| {
-        stats.batches.fetch_add(1, Relaxed);
-        stats.entries.fetch_add(results.iter().filter(|r| r.is_ok()).count() as u64, Relaxed);
+/// Run each item's lease mutation (in queue order) on `c`, inside the caller's transaction.
+/// New root leases go in one multi-row statement. They can go first: no other op in the batch
+/// can name them, since their ids reach clients only after the commit.
+async fn run_ops<C: LeaseConn>(c: &mut C, batch: &[Req]) -> Result<OpResults, BatchFail> {
+    let mut results: OpResults = Vec::with_capacity(batch.len());
+    if batch.iter().all(|r| r.op.is_none()) {
+        results.resize_with(batch.len(), || Ok(None));
+        return Ok(results);
+    }
+    let roots: Vec<&LeaseRecord> = batch
+        .iter()
+        .filter_map(|r| match &r.op {
+            Some(LeaseOp::InsertRoot(rec)) => Some(rec),
+            _ => None,
+        })
+        .collect();
+    if !roots.is_empty()
+        && let Err(e) = c.insert_roots(&roots).await
+    {
+        // Which item is at fault is only known when items are retried one by one.
+        let culprit = if batch.len() == 1 { Some((0, e)) } else { None };
+        return Err(BatchFail { msg: "lease insert failed".into(), culprit, stale_head: false, broken: false });
+    }
+    for (i, r) in batch.iter().enumerate() {
+        match &r.op {
+            None => results.push(Ok(None)),
+            Some(LeaseOp::InsertRoot(rec)) => results.push(Ok(Some(LeaseOutcome::Inserted(rec.clone())))),
+            Some(op) => match c.apply_op(op).await {
+                Ok(o) => results.push(Ok(Some(o))),
+                Err(LeaseError::Store(e)) => {
+                    return Err(BatchFail {
+                        msg: e.to_string(),
+                        culprit: Some((i, LeaseError::Store(e))),
+                        stale_head: false,
+                        broken: false,
+                    });
+                }
+                Err(e) => results.push(Err(e)),
+            },
+        }
+    }
+    Ok(results)
+}
+
+/// The entries as one JSON array of rows for SQLite's `json_each` (so one statement text
+/// serves every batch size); the MAC goes as hex.
+fn sqlite_rows_json(entries: &[Entry<'_>]) -> String {
+    type JsonRow<'a> = (
+        i64,
+        i64,
+        &'a str,
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<&'a str>,
+        Option<&'a str>,
+        &'a str,
+        String,
+    );
+    let rows: Vec<JsonRow<'_>> = entries
+        .iter()
+        .map(|e| {
+            let r = &e.req.rec;
+            (
+                e.seq,
+                e.req.ts,
+                r.action.as_str(),
+                r.requester.as_str(),
+                r.decision.as_str(),
+                r.policy.as_deref(),
+                r.key.as_deref(),
+                r.service.as_deref(),
+                r.lease_id.as_deref(),
+                r.purpose.as_deref(),
+                r.trace_id.as_deref(),
+                e.detail.as_str(),
+                hex::encode(e.mac),
+            )
+        })
+        .collect();
+    // Strings, integers and options always serialise.
+    serde_json::to_string(&rows).unwrap_or_else(|_| "[]".into())
+}
+
+/// SQLite: insert the entries (`$1`, see [`sqlite_rows_json`]), store the head (`$2`), commit.
+/// One statement text for every batch size, sent to the connection's worker thread at once.
+macro_rules! sqlite_insert_commit {
+    () => {
+        "INSERT INTO audit (seq, ts, action, requester, decision, policy, key, service, lease_id, purpose, trace_id, detail, mac) \
+         SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6, value->>7, value->>8, \
+         value->>9, value->>10, value->>11, unhex(value->>12) FROM json_each($1); \
+         INSERT INTO meta (name, value) VALUES ('audit_head', $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value; \
+         COMMIT"
     };
-    match write_batch(store, key, buf).await {
-        Ok(results) => {
-            count(&results);
-            for (r, res) in buf.drain(..).zip(results) {
-                let _ = r.done.send(res.map_err(AppendError::Lease));
+}
+const SQLITE_INSERT_COMMIT: &str = sqlite_insert_commit!();
+/// The whole transaction of a batch without lease mutations, when the head is known: one
+/// round trip to the connection's worker thread.
+const SQLITE_ONE_SHOT: &str = concat!("BEGIN IMMEDIATE; ", sqlite_insert_commit!());
+const SQLITE_BEGIN_HEAD: &str = "BEGIN IMMEDIATE; SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1";
+
+/// PostgreSQL: insert the entries (one array per column, so one statement text serves every
+/// batch size) and store the head, in one statement.
+const PG_INSERT: &str = "WITH ins AS (INSERT INTO audit (seq, ts, action, requester, decision, policy, key, service, lease_id, purpose, trace_id, detail, mac) \
+     SELECT * FROM UNNEST($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], \
+     $8::text[], $9::text[], $10::text[], $11::text[], $12::text[], $13::bytea[])) \
+     INSERT INTO meta (name, value) VALUES ('audit_head', $14) ON CONFLICT (name) DO UPDATE SET value = excluded.value";
+/// PostgreSQL: open the transaction and serialise the chain across processes, in one round trip.
+const PG_BEGIN: &str = "BEGIN; SELECT pg_advisory_xact_lock(770002)";
+const PG_BEGIN_NO_FSYNC: &str = "BEGIN; SET LOCAL synchronous_commit = off; SELECT pg_advisory_xact_lock(770002)";
+
+/// One batch transaction on SQLite. `head` is the remembered chain head, if any (trusted; a
+/// collision reports [`BatchFail::stale_head`]). Returns the results and the new head.
+async fn batch_sqlite(
+    c: &mut sqlx::SqliteConnection,
+    key: &Key32,
+    head: Option<&Head>,
+    batch: &[Req],
+    scratch: &mut Vec<u8>,
+) -> Result<(Vec<ItemResult>, Head), BatchFail> {
+    if let Some(h) = head
+        && batch.iter().all(|r| r.op.is_none())
+    {
+        let ops: OpResults = batch.iter().map(|_| Ok(None)).collect();
+        let (entries, out, new_head) = chain(key, h, batch, ops, scratch);
+        sqlx::query(SQLITE_ONE_SHOT)
+            .bind(sqlite_rows_json(&entries))
+            .bind(head_bytes(new_head.seq, &new_head.mac))
+            .execute(&mut *c)
+            .await
+            .map_err(|e| insert_fail(e, true))?;
+        return Ok((out, new_head));
+    }
+    let start = match head {
+        Some(h) => {
+            sqlx::query("BEGIN IMMEDIATE").execute(&mut *c).await?;
+            h.clone()
+        }
+        None => Head::from_row(sqlx::query_as(SQLITE_BEGIN_HEAD).fetch_optional(&mut *c).await?),
+    };
+    let ops = run_ops(c, batch).await?;
+    let (entries, out, new_head) = chain(key, &start, batch, ops, scratch);
+    if entries.is_empty() {
+        sqlx::query("COMMIT").execute(&mut *c).await?;
+    } else {
+        sqlx::query(SQLITE_INSERT_COMMIT)
+            .bind(sqlite_rows_json(&entries))
+            .bind(head_bytes(new_head.seq, &new_head.mac))
+            .execute(&mut *c)
+            .await
+            .map_err(|e| insert_fail(e, head.is_some()))?;
+    }
+    Ok((out, new_head))
+}
+
+/// One batch transaction on PostgreSQL (see [`batch_sqlite`]).
+async fn batch_pg(
+    c: &mut sqlx::PgConnection,
+    key: &Key32,
+    head: Option<&Head>,
+    durability: Durability,
+    batch: &[Req],
+    scratch: &mut Vec<u8>,
+) -> Result<(Vec<ItemResult>, Head), BatchFail> {
+    let begin = match durability {
+        Durability::Fsync => PG_BEGIN,
+        Durability::Os => PG_BEGIN_NO_FSYNC,
+    };
+    sqlx::raw_sql(begin).execute(&mut *c).await?;
+    let start = match head {
+        Some(h) => h.clone(),
+        None => Head::from_row(sqlx::query_as(HEAD_SQL).fetch_optional(&mut *c).await?),
+    };
+    let ops = run_ops(c, batch).await?;
+    let (entries, out, new_head) = chain(key, &start, batch, ops, scratch);
+    if !entries.is_empty() {
+        let n = entries.len();
+        let mut seq = Vec::with_capacity(n);
+        let mut ts = Vec::with_capacity(n);
+        let mut action = Vec::with_capacity(n);
+        let mut requester = Vec::with_capacity(n);
+        let mut decision = Vec::with_capacity(n);
+        let mut policy = Vec::with_capacity(n);
+        let mut rkey = Vec::with_capacity(n);
+        let mut service = Vec::with_capacity(n);
+        let mut lease_id = Vec::with_capacity(n);
+        let mut purpose = Vec::with_capacity(n);
+        let mut trace_id = Vec::with_capacity(n);
+        let mut detail = Vec::with_capacity(n);
+        let mut mac = Vec::with_capacity(n);
+        for e in &entries {
+            let r = &e.req.rec;
+            seq.push(e.seq);
+            ts.push(e.req.ts);
+            action.push(r.action.as_str());
+            requester.push(r.requester.as_str());
+            decision.push(r.decision.as_str());
+            policy.push(r.policy.as_deref());
+            rkey.push(r.key.as_deref());
+            service.push(r.service.as_deref());
+            lease_id.push(r.lease_id.as_deref());
+            purpose.push(r.purpose.as_deref());
+            trace_id.push(r.trace_id.as_deref());
+            detail.push(e.detail.as_str());
+            mac.push(&e.mac[..]);
+        }
+        sqlx::query(PG_INSERT)
+            .bind(&seq)
+            .bind(&ts)
+            .bind(&action)
+            .bind(&requester)
+            .bind(&decision)
+            .bind(&policy)
+            .bind(&rkey)
+            .bind(&service)
+            .bind(&lease_id)
+            .bind(&purpose)
+            .bind(&trace_id)
+            .bind(&detail)
+            .bind(&mac)
+            .bind(head_bytes(new_head.seq, &new_head.mac))
+            .execute(&mut *c)
+            .await
+            .map_err(|e| insert_fail(e, head.is_some()))?;
+    }
+    sqlx::raw_sql("COMMIT").execute(&mut *c).await?;
+    Ok((out, new_head))
+}
+
+/// The writer's own connection, held across batches (no pool checkout, no liveness ping per
+/// batch); given back when the pool closes, replaced after a connection failure.
+enum Conn {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+/// The state of the writer task.
+struct Writer {
+    store: Store,
+    key: Key32,
+    durability: Durability,
+    stats: std::sync::Arc<Stats>,
+    conn: Option<Conn>,
+    /// The chain head as of this writer's last commit. Trusted for the next batch (no read);
+    /// if another process appended meanwhile, the next insert collides on `seq`, the batch is
+    /// rolled back and redone once with the head read inside the transaction (under the write
+    /// lock, so the redo cannot collide again). Forgotten after any failure.
+    head: Option<Head>,
+    scratch: Vec<u8>,
+}
+
+impl Writer {
+    fn pool_closed(&self) -> bool {
+        with_pool!(&self.store, |p| p.is_closed())
+    }
+
+    async fn connect(&self) -> Result<Conn, sqlx::Error> {
+        Ok(match &self.store {
+            Store::Sqlite(p) => {
+                let mut c = p.acquire().await?.detach();
+                if self.durability == Durability::Os {
+                    // WAL mode (set on every connection of the store): a commit is appended to
+                    // the WAL without waiting for the flush; checkpoints still fsync.
+                    sqlx::query("PRAGMA synchronous = NORMAL").execute(&mut c).await?;
+                }
+                Conn::Sqlite(c)
+            }
+            Store::Postgres(p) => Conn::Postgres(p.acquire().await?.detach()),
+        })
+    }
+
+    /// One attempt at the batch transaction.
+    async fn attempt(&mut self, batch: &[Req]) -> Result<Vec<ItemResult>, BatchFail> {
+        if self.pool_closed() {
+            self.conn = None;
+        }
+        if self.conn.is_none() {
+            self.conn = Some(self.connect().await?);
+        }
+        let head = self.head.take();
+        let Writer { conn, key, durability, scratch, .. } = self;
+        let res = match conn {
+            Some(Conn::Sqlite(c)) => batch_sqlite(c, key, head.as_ref(), batch, scratch).await,
+            Some(Conn::Postgres(c)) => batch_pg(c, key, head.as_ref(), *durability, batch, scratch).await,
+            None => Err(BatchFail { msg: "audit writer has no connection".into(), culprit: None, stale_head: false, broken: true }),
+        };
+        match res {
+            Ok((out, h)) => {
+                self.head = Some(h);
+                Ok(out)
+            }
+            Err(f) => {
+                self.abandon(f.broken).await;
+                Err(f)
             }
         }
-        Err(first) if buf.len() == 1 => {
-            let r = buf.remove(0);
-            let _ = r.done.send(Err(fail_to_error(first)));
+    }
+
+    /// After a failure: roll back whatever is open; drop the connection if it is broken or the
+    /// rollback fails (closing it rolls back too), so the next batch starts clean.
+    async fn abandon(&mut self, broken: bool) {
+        let ok = match (&mut self.conn, broken) {
+            (Some(Conn::Sqlite(c)), false) => sqlx::raw_sql("ROLLBACK").execute(c).await.is_ok(),
+            (Some(Conn::Postgres(c)), false) => sqlx::raw_sql("ROLLBACK").execute(c).await.is_ok(),
+            _ => false,
+        };
+        if !ok {
+            self.conn = None;
         }
-        Err(_) => {
-            for r in buf.drain(..) {
-                let one = std::slice::from_ref(&r);
-                let ack = match write_batch(store, key, one).await {
-                    Ok(mut results) => {
-                        count(&results);
-                        match results.pop() {
-                            Some(res) => res.map_err(AppendError::Lease),
-                            None => Err(AppendError::Audit(AuditError::Write("audit writer lost an entry".into()))),
+    }
+
+    /// Write `batch` in one transaction (redone once if another process had appended since
+    /// this writer's last commit). First each item's lease mutation (in queue order), then the
+    /// audit entries of every item whose mutation was not refused, chained, then the head.
+    /// Returns one result per item: `Ok((seq, outcome))`, or `Err` for a refused mutation
+    /// (that item gets no entry). A storage error anywhere rolls the whole batch back.
+    async fn write_batch(&mut self, batch: &[Req]) -> Result<Vec<ItemResult>, BatchFail> {
+        match self.attempt(batch).await {
+            Err(f) if f.stale_head => {
+                self.stats.redone.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.attempt(batch).await
+            }
+            r => r,
+        }
+    }
+
+    fn count(&self, results: &[ItemResult]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.stats.batches.fetch_add(1, Relaxed);
+        self.stats.entries.fetch_add(results.iter().filter(|r| r.is_ok()).count() as u64, Relaxed);
+    }
+
+    /// Commit `buf` and acknowledge every caller. One transaction for the whole batch; if it
+    /// fails, each item is retried alone (its own transaction), so one bad item cannot fail its
+    /// neighbours and each caller gets its own result.
+    async fn commit_and_ack(&mut self, buf: &mut Vec<Req>) {
+        match self.write_batch(buf).await {
+            Ok(results) => {
+                self.count(&results);
+                for (r, res) in buf.drain(..).zip(results) {
+                    let _ = r.done.send(res.map_err(AppendError::Lease));
+                }
+            }
+            Err(first) if buf.len() == 1 => {
+                let r = buf.remove(0);
+                let _ = r.done.send(Err(fail_to_error(first)));
+            }
+            Err(_) => {
+                for r in buf.drain(..) {
+                    let one = std::slice::from_ref(&r);
+                    let ack = match self.write_batch(one).await {
+                        Ok(mut results) => {
+                            self.count(&results);
+                            match results.pop() {
+                                Some(res) => res.map_err(AppendError::Lease),
+                                None => Err(AppendError::Audit(AuditError::Write("audit writer lost an entry".into()))),
+                            }
                         }
-                    }
-                    Err(f) => Err(fail_to_error(f)),
-                };
-                let _ = r.done.send(ack);
+                        Err(f) => Err(fail_to_error(f)),
+                    };
+                    let _ = r.done.send(ack);
+                }
             }
+        }
+    }
+
+    /// Serve batches until every [`AuditLog`] handle is gone. While idle, a closing pool takes
+    /// the writer's connection back at once (so `Store::close` is not held up).
+    async fn run(mut self, mut rx: mpsc::Receiver<Req>) {
+        let mut buf: Vec<Req> = Vec::with_capacity(256);
+        loop {
+            let n = if self.conn.is_some() {
+                let closed = with_pool!(&self.store, |p| p.close_event());
+                tokio::select! {
+                    n = rx.recv_many(&mut buf, 256) => n,
+                    () = closed => {
+                        self.conn = None;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv_many(&mut buf, 256).await
+            };
+            if n == 0 {
+                break;
+            }
+            self.commit_and_ack(&mut buf).await;
         }
     }
 }
@@ -441,18 +788,26 @@ fn fail_to_error(f: BatchFail) -> AppendError {
 }
 
 impl AuditLog {
-    /// Start the writer task on the current Tokio runtime.
+    /// Start the writer task on the current Tokio runtime, with the default durability
+    /// ([`Durability::Fsync`]).
     pub fn start(store: Store, key: Key32) -> (Self, tokio::task::JoinHandle<()>) {
-        let (tx, mut rx) = mpsc::channel::<Req>(4096);
+        Self::start_with(store, key, Durability::Fsync)
+    }
+
+    /// Start the writer task with the given `[audit] durability`.
+    pub fn start_with(store: Store, key: Key32, durability: Durability) -> (Self, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel::<Req>(4096);
         let stats = std::sync::Arc::new(Stats::default());
-        let st = stats.clone();
-        let handle = tokio::spawn(async move {
-            let mut buf: Vec<Req> = Vec::with_capacity(256);
-            while rx.recv_many(&mut buf, 256).await > 0 {
-                commit_and_ack(&store, &key, &st, &mut buf).await;
-            }
-        });
+        let writer =
+            Writer { store, key, durability, stats: stats.clone(), conn: None, head: None, scratch: Vec::with_capacity(512) };
+        let handle = tokio::spawn(writer.run(rx));
         (Self { tx, stats }, handle)
+    }
+
+    /// Batches this process's writer redid because another process had appended to the chain
+    /// since its previous commit.
+    pub fn redone_batches(&self) -> u64 {
+        self.stats.redone.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (transactions committed, entries written) by this process's writer since start.
@@ -515,6 +870,7 @@ pub async fn verify(store: &Store, key: &Key32) -> Result<VerifyReport, AuditErr
     let mut expected_seq = 1i64;
     let mut after = 0i64;
     let mut entries = 0u64;
+    let mut scratch = Vec::with_capacity(512);
     loop {
         let q = sqlx::AssertSqlSafe(format!("SELECT {COLS} FROM audit WHERE seq > $1 ORDER BY seq LIMIT 1000"));
         let rows: Vec<Row> = with_pool!(store, |p| sqlx::query_as(q).bind(after).fetch_all(p).await?);
@@ -532,7 +888,8 @@ pub async fn verify(store: &Store, key: &Key32) -> Result<VerifyReport, AuditErr
                     r.0 - 1
                 ));
             }
-            let mac = hmac_sha256(key.bytes(), &[&prev, &row_canonical(r)]);
+            row_canonical(r, &mut scratch);
+            let mac = hmac_sha256(key.bytes(), &[&prev, &scratch]);
             if !crate::crypto::ct_eq(&mac, &r.12) {
                 problems.push(format!(
                     "entry {}: MAC mismatch (the entry was edited, or an entry before it was deleted or reordered)",

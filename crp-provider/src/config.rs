@@ -86,6 +86,67 @@ pub struct Config {
     /// Proxy base URL put into `proxyBaseUrl` (default `http://127.0.0.1:7700`).
     #[serde(default)]
     pub proxy_base_url: Option<String>,
+    /// The `[audit]` table.
+    #[serde(default)]
+    pub audit: AuditSettings,
+}
+
+/// `[audit]` in `config.toml`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditSettings {
+    /// When a group commit counts as done (default [`Durability::Fsync`]).
+    #[serde(default)]
+    pub durability: Durability,
+}
+
+/// `[audit] durability`: how far a group commit of the audit writer (audit entries and the
+/// lease changes riding with them) is made durable before its callers are answered.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// `"fsync"` (default): flushed to stable storage (one fsync per group commit; SQLite
+    /// `synchronous=FULL`, PostgreSQL `synchronous_commit` as configured on the server).
+    /// Survives a crash of the process, the kernel or the power.
+    #[default]
+    Fsync,
+    /// `"os"`: committed without waiting for the flush (SQLite `synchronous=NORMAL` in WAL mode
+    /// on the writer's connection, PostgreSQL `SET LOCAL synchronous_commit = off` in the
+    /// writer's transaction). Survives a crash of the process; a power loss or kernel crash
+    /// may lose the last moments of commits (whole transactions, never part of one: the chain
+    /// stays intact).
+    Os,
+}
+
+impl Durability {
+    /// The value as written in `config.toml`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Durability::Fsync => "fsync",
+            Durability::Os => "os",
+        }
+    }
+}
+
+impl std::str::FromStr for Durability {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "fsync" => Ok(Durability::Fsync),
+            "os" => Ok(Durability::Os),
+            other => Err(format!(
+                "[audit] durability must be \"fsync\" (durable on stable storage before answering, the default) \
+                 or \"os\" (committed without fsync: may lose the last moments on power loss), not {other:?}"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Durability {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
 }
 
 impl Config {
@@ -114,5 +175,37 @@ impl Config {
     /// Reaper period.
     pub fn reaper_interval(&self) -> std::time::Duration {
         std::time::Duration::from_secs(u64::from(self.reaper_interval_seconds.unwrap_or(1).max(1)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_durability_parses_and_defaults_to_fsync() {
+        let c: Config = toml::from_str("max_ttl = 60\n").unwrap();
+        assert_eq!(c.audit.durability, Durability::Fsync);
+        let c: Config = toml::from_str("[audit]\n").unwrap();
+        assert_eq!(c.audit.durability, Durability::Fsync);
+        let c: Config = toml::from_str("[audit]\ndurability = \"os\"\n").unwrap();
+        assert_eq!(c.audit.durability, Durability::Os);
+        let c: Config = toml::from_str("[audit]\ndurability = \"fsync\"\n").unwrap();
+        assert_eq!(c.audit.durability, Durability::Fsync);
+        assert_eq!(Durability::Os.as_str(), "os");
+    }
+
+    #[test]
+    fn bad_audit_durability_is_a_clear_error() {
+        for (text, needle) in [
+            ("[audit]\ndurability = \"OS\"\n", "not \"OS\""),
+            ("[audit]\ndurability = \"none\"\n", "must be \"fsync\""),
+            ("[audit]\ndurability = true\n", "string"),
+            ("[audit]\nsync = \"os\"\n", "unknown field `sync`"),
+            ("durability = \"os\"\n", "unknown field `durability`"),
+        ] {
+            let e = toml::from_str::<Config>(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text:?}: {e}");
+        }
     }
 }

@@ -13,7 +13,9 @@
 //! transaction, so concurrent first opens are safe.
 //!
 //! The SQLite file is opened in WAL mode with `synchronous=FULL` (a commit that returned
-//! survives power loss), `busy_timeout` 10 s and foreign keys on.
+//! survives power loss), `busy_timeout` 10 s and foreign keys on. Under
+//! `[audit] durability = "os"` the audit writer's own connection uses `synchronous=NORMAL`
+//! (see [`crate::audit`]).
 //!
 //! This layer stores what it is given: sealing happens above it, so it never sees a secret.
 

@@ -562,7 +562,7 @@ impl Vault {
         let src = read_policy_dir(&paths.policies_dir())?;
         let policy = PolicyEngine::new(&src).map_err(|e| VaultError::Policy(e.render("policies")))?;
         let stamp = policy_stamp(&paths.policies_dir());
-        let (audit, audit_task) = AuditLog::start(store.clone(), audit_key.clone());
+        let (audit, audit_task) = AuditLog::start_with(store.clone(), audit_key.clone(), config.audit.durability);
         let epochs = match store.sqlite_path() {
             Some(db) => {
                 let p = Epochs::path_for(&db);

@@ -1,0 +1,292 @@
+//! The audit writer keeps one exact chain when several processes append to it: each writer
+//! remembers the head after its own commit and finds out about another process's appends by the
+//! sequence-number collision, then redoes its batch (lease mutations included) on the real
+//! head. Also: stored entries equal what was appended, byte for byte; and the
+//! `[audit] durability` setting of `config.toml`.
+
+use crp_provider::audit::{self, AuditLog, AuditRecord};
+use crp_provider::config::Durability;
+use crp_provider::crypto::Key32;
+use crp_provider::leases::{self, Caps, LeaseOp, LeaseOutcome, NewLease};
+use crp_provider::store::Store;
+use crp_provider::vault::{OpenOptions, Unlock, Vault};
+use crp_core::Provider;
+use crp_core::types::ext::AuditQueryParams;
+
+mod pg_support;
+
+async fn count(store: &Store, sql: &'static str) -> i64 {
+    match store {
+        Store::Sqlite(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+        Store::Postgres(p) => sqlx::query_scalar(sql).fetch_one(p).await.unwrap(),
+    }
+}
+
+fn root(id: &str) -> LeaseOp {
+    let l = NewLease {
+        id: id.into(),
+        token_hash: format!("hash-{id}"),
+        credential_key: "k".into(),
+        service: "svc".into(),
+        agent: "a".into(),
+        scopes: vec!["read".into()],
+        ttl: 60,
+        caps: Caps { provider_max_ttl: 3600, credential_max_ttl: None, max_lease_lifetime: 3600 },
+        purpose: None,
+        consumer: None,
+    };
+    LeaseOp::InsertRoot(leases::root_record(&l, 2, crp_provider::store::now_ms()))
+}
+
+/// Two writers (as two processes would have: separate pools, separate writer tasks, one key)
+/// append to one chain: strictly alternating (so every append after the other writer's finds
+/// its remembered head stale), with lease mutations in the mix, then all at once. Every entry
+/// gets a distinct sequence number, none is lost, the lease rows are there exactly once, and
+/// the chain and its head verify.
+async fn two_writers(a: Store, b: Store, key: Key32, durability_b: Durability) {
+    let (wa, _ta) = AuditLog::start(a.clone(), key.clone());
+    let (wb, _tb) = AuditLog::start_with(b.clone(), key.clone(), durability_b);
+    let mut seqs = Vec::new();
+    // Strictly alternating, one at a time.
+    for i in 0..20 {
+        let (w, name) = if i % 2 == 0 { (&wa, "a") } else { (&wb, "b") };
+        let rec = AuditRecord::new("credential.used", &format!("{name}-{i}"), "allow");
+        if i % 4 < 2 {
+            seqs.push(w.append(rec).await.unwrap());
+        } else {
+            let id = format!("lease_{name}_{i:02}");
+            let (seq, o) = w.append_with(rec.lease(&id), root(&id)).await.unwrap();
+            assert!(matches!(o, LeaseOutcome::Inserted(ref r) if r.id == id));
+            seqs.push(seq);
+        }
+    }
+    assert_eq!(seqs, (1..=20).collect::<Vec<i64>>(), "alternating appends");
+    assert!(wa.redone_batches() >= 9 && wb.redone_batches() >= 9, "{} {}", wa.redone_batches(), wb.redone_batches());
+
+    // Concurrent: both writers group-commit batches that race for the same sequence numbers.
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let w = if i % 2 == 0 { wa.clone() } else { wb.clone() };
+        tasks.push(tokio::spawn(async move {
+            let rec = AuditRecord::new("credential.used", &format!("c-{i}"), "allow");
+            if i % 5 == 0 {
+                let id = format!("lease_c_{i:03}");
+                w.append_with(rec.lease(&id), root(&id)).await.map(|(s, _)| s).unwrap()
+            } else {
+                w.append(rec).await.unwrap()
+            }
+        }));
+    }
+    for t in tasks {
+        seqs.push(t.await.unwrap());
+    }
+    seqs.sort();
+    assert_eq!(seqs, (1..=220).collect::<Vec<i64>>(), "no sequence number lost or given twice");
+    let (_, ea) = wa.stats();
+    let (_, eb) = wb.stats();
+    assert_eq!(ea + eb, 220);
+    assert_eq!(count(&a, "SELECT COUNT(*) FROM audit").await, 220);
+    assert_eq!(count(&a, "SELECT COUNT(DISTINCT seq) FROM audit").await, 220);
+    assert_eq!(count(&a, "SELECT COUNT(*) FROM leases").await, 10 + 40);
+    for s in [&a, &b] {
+        let r = audit::verify(s, &key).await.unwrap();
+        assert!(r.ok && r.entries == 220, "{r:?}");
+    }
+    // Each writer carries on from the other's last entry.
+    let s1 = wa.append(AuditRecord::new("credential.used", "a-last", "allow")).await.unwrap();
+    let s2 = wb.append(AuditRecord::new("credential.used", "b-last", "allow")).await.unwrap();
+    assert_eq!((s1, s2), (221, 222));
+    let r = audit::verify(&b, &key).await.unwrap();
+    assert!(r.ok && r.entries == 222, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_writers_share_one_chain_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("vault.db");
+    let a = Store::open_sqlite(&db).await.unwrap();
+    a.migrate().await.unwrap();
+    let b = Store::open_sqlite(&db).await.unwrap();
+    let key = Key32::generate().unwrap();
+    two_writers(a.clone(), b.clone(), key, Durability::Os).await;
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_writers_share_one_chain_on_postgres() {
+    let Some(db) = pg_support::TestDatabase::create("crp_audit_chain").await else { return };
+    let a = Store::open_url(&db.url).await.unwrap();
+    a.migrate().await.unwrap();
+    let b = Store::open_url(&db.url).await.unwrap();
+    let key = Key32::generate().unwrap();
+    two_writers(a.clone(), b.clone(), key, Durability::Os).await;
+    a.close().await;
+    b.close().await;
+    db.drop_database().await;
+}
+
+/// What the writer stores is exactly what was appended (every column, including empty,
+/// missing, quoted, escaped and non-ASCII text), in batches of every size.
+async fn exact_values(store: Store, nul: bool) {
+    let key = Key32::generate().unwrap();
+    let (w, _t) = AuditLog::start(store.clone(), key.clone());
+    let odd = [
+        "",
+        "plain",
+        "quote \" and backslash \\ and slash /",
+        "newline\nreturn\rtab\t",
+        "ünïcödé ☃ 𝄞 \u{7f} \u{2028}",
+        "{\"looks\": [\"like\", \"json\"]}",
+        "'; DROP TABLE audit; --",
+    ];
+    let mut recs = Vec::new();
+    for (i, s) in odd.iter().enumerate() {
+        let mut r = AuditRecord::new(&format!("credential.used{s}"), &format!("agent {s}"), s)
+            .with("text", *s)
+            .with("n", i as i64)
+            .with("big", i64::MAX)
+            .with("nested", serde_json::json!({"a": [1, null, s], "b": {"c": -1.5}}));
+        if i % 2 == 0 {
+            r = r.key(&format!("key/{s}")).service(s).lease(s).policy(Some(s)).context(Some(s), Some(s));
+        }
+        recs.push(r);
+    }
+    if nul {
+        recs.push(AuditRecord::new("credential.used", "nul \0 inside", "allow").key("k\0").with("t", "\0"));
+    }
+    // One at a time, then all at once (one batch).
+    let mut expect = Vec::new();
+    for r in &recs {
+        w.append(r.clone()).await.unwrap();
+        expect.push(r.clone());
+    }
+    let mut tasks = Vec::new();
+    for r in &recs {
+        let (w, r) = (w.clone(), r.clone());
+        tasks.push(tokio::spawn(async move { (w.append(r.clone()).await.unwrap(), r) }));
+    }
+    let mut more: Vec<(i64, AuditRecord)> = Vec::new();
+    for t in tasks {
+        more.push(t.await.unwrap());
+    }
+    more.sort_by_key(|(s, _)| *s);
+    expect.extend(more.into_iter().map(|(_, r)| r));
+    let got = audit::query(&store, &AuditQueryParams { limit: Some(1000), ..Default::default() }).await.unwrap();
+    assert_eq!(got.len(), expect.len());
+    for (e, g) in expect.iter().zip(got.iter().rev()) {
+        assert_eq!(
+            (&e.action, &e.requester, &e.decision, &e.policy, &e.key, &e.service, &e.lease_id, &e.purpose, &e.trace_id, &e.detail),
+            (&g.action, &g.requester, &g.decision, &g.policy, &g.key, &g.service, &g.lease_id, &g.purpose, &g.trace_id, &g.detail),
+            "entry {}",
+            g.seq
+        );
+    }
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == expect.len() as u64, "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_entries_are_exact_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
+    store.migrate().await.unwrap();
+    exact_values(store.clone(), true).await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_entries_are_exact_on_postgres() {
+    let Some(db) = pg_support::TestDatabase::create("crp_audit_exact").await else { return };
+    let store = Store::open_url(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    // PostgreSQL text cannot hold NUL (the insert fails, the caller gets the error).
+    exact_values(store.clone(), false).await;
+    store.close().await;
+    db.drop_database().await;
+}
+
+/// An entry whose text PostgreSQL cannot store fails its own caller only (fail-closed), and the
+/// writer carries on with an exact chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unstorable_entry_fails_alone_on_postgres() {
+    let Some(db) = pg_support::TestDatabase::create("crp_audit_unstorable").await else { return };
+    let store = Store::open_url(&db.url).await.unwrap();
+    store.migrate().await.unwrap();
+    let key = Key32::generate().unwrap();
+    let (w, _t) = AuditLog::start(store.clone(), key.clone());
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let w = w.clone();
+        let who = if i == 13 { "bad \0".to_string() } else { format!("agent-{i}") };
+        tasks.push(tokio::spawn(async move { w.append(AuditRecord::new("credential.used", &who, "allow")).await }));
+    }
+    let results: Vec<_> = futures_join(tasks).await;
+    assert!(results[13].is_err());
+    let mut ok: Vec<i64> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+    ok.sort();
+    assert_eq!(ok, (1..=29).collect::<Vec<i64>>());
+    assert_eq!(w.append(AuditRecord::new("credential.used", "after", "allow")).await.unwrap(), 30);
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == 30, "{r:?}");
+    store.close().await;
+    db.drop_database().await;
+}
+
+async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for t in tasks {
+        out.push(t.await.unwrap());
+    }
+    out
+}
+
+/// `[audit] durability = "os"` in `config.toml`: the vault opens, appends and verifies; a value
+/// that is not `fsync` or `os` is refused with a message that names the setting and the choices.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durability_setting_from_config_toml() {
+    let home = tempfile::tempdir().unwrap();
+    let keyfile = home.path().join("vault.key");
+    Vault::init_with(home.path(), Unlock::Keyfile(keyfile.clone()), None).await.unwrap();
+    let open = || Vault::open(OpenOptions { home: home.path().into(), unlock: Some(Unlock::Keyfile(keyfile.clone())), database_url: None });
+
+    std::fs::write(home.path().join("config.toml"), "max_ttl = 600\n\n[audit]\ndurability = \"os\"\n").unwrap();
+    let paths = crp_provider::config::Paths::new(home.path());
+    assert_eq!(crp_provider::config::Config::load(&paths).unwrap().audit.durability, Durability::Os);
+    let v = open().await.unwrap();
+    let before = audit::count(v.store()).await.unwrap();
+    let r = v
+        .extension(
+            &crp_core::CallContext::new(Vault::owner_agent(), crp_core::provider::Transport::InProcess),
+            crp_core::types::ext::VAULT_STORE,
+            serde_json::json!({"key": "gh/main", "value": "v-0123456789", "service": "github.com/api", "scopes": ["read"]}),
+        )
+        .await
+        .unwrap();
+    assert_eq!(r["stored"], true);
+    assert!(audit::count(v.store()).await.unwrap() > before);
+    let report = v.audit_verify().await.unwrap();
+    assert!(report.ok, "{report:?}");
+    v.shutdown().await;
+    v.store().close().await;
+
+    std::fs::write(home.path().join("config.toml"), "[audit]\ndurability = \"fsync\"\n").unwrap();
+    assert_eq!(crp_provider::config::Config::load(&paths).unwrap().audit.durability, Durability::Fsync);
+    let v = open().await.unwrap();
+    assert!(v.audit_verify().await.unwrap().ok);
+    v.shutdown().await;
+    v.store().close().await;
+
+    for (text, needle) in [
+        ("[audit]\ndurability = \"sometimes\"\n", "durability must be \"fsync\""),
+        ("[audit]\ndurability = 1\n", "string"),
+        ("[audit]\ndurablity = \"os\"\n", "durablity"),
+    ] {
+        std::fs::write(home.path().join("config.toml"), text).unwrap();
+        let msg = match open().await {
+            Ok(_) => panic!("{text:?} was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(msg.contains(needle) && msg.contains("config.toml"), "{text:?}: {msg}");
+    }
+}
