@@ -97,7 +97,10 @@ macro_rules! with_write_tx {
 pub(crate) use with_write_tx;
 
 /// Embedded migrations: (version, SQL with `{BLOB}`).
-pub const MIGRATIONS: &[(i64, &str)] = &[(1, include_str!("../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(i64, &str)] = &[
+    (1, include_str!("../../migrations/0001_init.sql")),
+    (2, include_str!("../../migrations/0002_lease_path.sql")),
+];
 
 /// Current unix time in milliseconds.
 pub fn now_ms() -> i64 {
