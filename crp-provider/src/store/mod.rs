@@ -96,10 +96,12 @@ macro_rules! with_write_tx {
 }
 pub(crate) use with_write_tx;
 
-/// Embedded migrations: (version, SQL with `{BLOB}`).
+/// Embedded migrations: (version, SQL with `{BLOB}` and `{SEQ_KEY}` placeholders for the engine's
+/// binary type and the audit sequence key).
 pub const MIGRATIONS: &[(i64, &str)] = &[
     (1, include_str!("../../migrations/0001_init.sql")),
     (2, include_str!("../../migrations/0002_lease_path.sql")),
+    (3, include_str!("../../migrations/0003_audit_append.sql")),
 ];
 
 /// Current unix time in milliseconds.
@@ -175,14 +177,20 @@ impl Store {
 
     /// Apply pending embedded migrations (idempotent; safe when several processes open at once).
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        self.migrate_to(i64::MAX).await
+    }
+
+    /// Apply pending embedded migrations up to `version` (upgrade tests build an older schema
+    /// with it).
+    pub async fn migrate_to(&self, version: i64) -> Result<(), StoreError> {
         const CREATE: &str =
             "CREATE TABLE IF NOT EXISTS crp_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)";
         with_pool!(self, |p| {
             sqlx::query(CREATE).execute(p).await?;
         });
-        let blob = match self.engine() {
-            Engine::Sqlite => "BLOB",
-            Engine::Postgres => "BYTEA",
+        let (blob, seq_key) = match self.engine() {
+            Engine::Sqlite => ("BLOB", "INTEGER PRIMARY KEY"),
+            Engine::Postgres => ("BYTEA", "BIGINT PRIMARY KEY"),
         };
         let lock_pg = matches!(self.engine(), Engine::Postgres);
         with_write_tx!(self, |tx| {
@@ -191,14 +199,14 @@ impl Store {
             }
             let applied: Vec<i64> =
                 sqlx::query_scalar("SELECT version FROM crp_migrations").fetch_all(&mut *tx).await?;
-            for (version, sql) in MIGRATIONS {
-                if applied.contains(version) {
+            for (v, sql) in MIGRATIONS {
+                if applied.contains(v) || *v > version {
                     continue;
                 }
-                let sql = sql.replace("{BLOB}", blob);
+                let sql = sql.replace("{BLOB}", blob).replace("{SEQ_KEY}", seq_key);
                 sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *tx).await?;
                 sqlx::query("INSERT INTO crp_migrations (version, applied_at) VALUES ($1, $2)")
-                    .bind(*version)
+                    .bind(*v)
                     .bind(now_ms())
                     .execute(&mut *tx)
                     .await?;
