@@ -936,8 +936,9 @@ fn to_event(r: Row) -> AuditEvent {
 }
 
 /// Query entries, newest first. `action` matches the event name exactly, or its prefix up to a
-/// dot (`credential` matches `credential.*`). Filters use the indexes on key, requester, action
-/// and ts.
+/// dot (`credential` matches `credential.*`). Key and requester filters use their indexes;
+/// action and time filters are applied newest first along `seq` (schema 3 dropped their indexes
+/// to make every append cheaper), which reaches recent entries at once.
 pub async fn query(store: &Store, q: &AuditQueryParams) -> Result<Vec<AuditEvent>, AuditError> {
     let limit = i64::from(q.limit.unwrap_or(50).clamp(1, 1000));
     let since = match &q.since {
