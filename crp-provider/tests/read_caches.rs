@@ -350,3 +350,32 @@ async fn on_postgres_every_change_by_another_process_is_seen_at_once() {
     }
     db.drop_database().await;
 }
+
+/// Policy files changed on disk — by another process's `install_policy`, or rewritten in place
+/// the way an editor does — govern the very next decision of a process that has been serving
+/// (its directory watch armed and quiet).
+#[tokio::test]
+async fn policy_files_changed_on_disk_govern_the_next_decision() {
+    let (a, b, dir) = two_processes().await;
+    store(&a, "k", "svc", &["read"]).await;
+    for _ in 0..3 {
+        use_svc(&a, &owner(), json!({"service": "svc"})).await.unwrap();
+    }
+    let forbid = "@id(\"no-svc\")\n@reason(\"svc is closed\")\nforbid (principal, action == Action::\"use\", resource) when { resource.service == \"svc\" };\n";
+    b.install_policy("90-close.cedar", forbid).unwrap();
+    let e = use_svc(&a, &owner(), json!({"service": "svc"})).await.unwrap_err();
+    assert!(e.code == -33003 && e.message.contains("svc is closed"), "{e:?}");
+
+    // Rewritten in place (same file, new text): the forbid now names another service.
+    let path = dir.path().join("policies/90-close.cedar");
+    std::fs::write(&path, forbid.replace("== \"svc\"", "== \"other-svc\"").replace("svc is closed", "other closed")).unwrap();
+    use_svc(&a, &owner(), json!({"service": "svc"})).await.unwrap();
+
+    // Deleted.
+    std::fs::write(&path, forbid).unwrap();
+    assert_eq!(use_svc(&a, &owner(), json!({"service": "svc"})).await.unwrap_err().code, -33003);
+    std::fs::remove_file(&path).unwrap();
+    use_svc(&a, &owner(), json!({"service": "svc"})).await.unwrap();
+    a.shutdown().await;
+    b.shutdown().await;
+}

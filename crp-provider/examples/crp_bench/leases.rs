@@ -38,6 +38,8 @@ struct Row {
     use_lat: Samples,
     release_lat: Samples,
     cpu_us_per_pair: f64,
+    /// CPU of this process (the load generator; in process, also the vault) per pair.
+    own_cpu_us_per_pair: f64,
     errors: u64,
     first_error: Option<String>,
 }
@@ -93,7 +95,7 @@ where
     (done.load(Ordering::Relaxed), secs, tally)
 }
 
-fn row(mode: &'static str, clients: u32, pairs: u64, secs: f64, t: Tally, cpu: f64) -> Row {
+fn row(mode: &'static str, clients: u32, pairs: u64, secs: f64, t: Tally, cpu: f64, own_cpu: f64) -> Row {
     let first_error = t.errors.iter().find(|e| !e.is_empty()).cloned();
     Row {
         mode,
@@ -103,6 +105,7 @@ fn row(mode: &'static str, clients: u32, pairs: u64, secs: f64, t: Tally, cpu: f
         use_lat: t.use_lat,
         release_lat: t.release_lat,
         cpu_us_per_pair: cpu,
+        own_cpu_us_per_pair: own_cpu,
         errors: t.errors.len() as u64,
         first_error,
     }
@@ -126,6 +129,7 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
         for &c in &a.clients {
             let rpc = rpc.clone();
             let before = proc_ticks(server.pid()).unwrap_or(0);
+            let own_before = proc_ticks(std::process::id()).unwrap_or(0);
             let (pairs, secs, tally) = drive(c, a.duration, move || {
                 let rpc = rpc.clone();
                 async move {
@@ -139,8 +143,10 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
             })
             .await;
             let after = proc_ticks(server.pid()).unwrap_or(0);
+            let own_after = proc_ticks(std::process::id()).unwrap_or(0);
             let cpu = after.saturating_sub(before) as f64 * tick / pairs.max(1) as f64;
-            rows.push(row("HTTP (signed) → crp-provider serve", c, pairs, secs, tally, cpu));
+            let own = own_after.saturating_sub(own_before) as f64 * tick / pairs.max(1) as f64;
+            rows.push(row("HTTP (signed) → crp-provider serve", c, pairs, secs, tally, cpu, own));
             eprintln!("  leases over HTTP c={c}: {pairs} pairs in {secs:.1}s");
         }
         drop(server);
@@ -151,8 +157,10 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
         let (_bh, vault) = make_home(&home, "http://127.0.0.1:9", "unused-secret").await?;
         let vault = Arc::new(vault);
         let ctx = CallContext::new(AGENT, Transport::InProcess);
+        let tick = us_per_tick();
         for &c in &a.clients {
             let (vault, ctx) = (vault.clone(), ctx.clone());
+            let own_before = proc_ticks(std::process::id()).unwrap_or(0);
             let (pairs, secs, tally) = drive(c, a.duration, move || {
                 let (vault, ctx) = (vault.clone(), ctx.clone());
                 async move {
@@ -167,7 +175,8 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
                 }
             })
             .await;
-            rows.push(row("in-process Provider (Vault)", c, pairs, secs, tally, f64::NAN));
+            let own = proc_ticks(std::process::id()).unwrap_or(0).saturating_sub(own_before) as f64 * tick / pairs.max(1) as f64;
+            rows.push(row("in-process Provider (Vault)", c, pairs, secs, tally, f64::NAN, own));
             eprintln!("  leases in process c={c}: {pairs} pairs in {secs:.1}s");
         }
         vault.shutdown().await;
@@ -175,12 +184,14 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
 
     let mut ok = true;
     println!("### Lease path: crp/use + release, durable audit ({} s per run)\n", a.duration);
-    println!("| mode | clients | leases/s (use+release pairs) | use p50 | use p99 | release p50 | release p99 | server CPU µs/pair | errors |");
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    println!("| mode | clients | leases/s (use+release pairs) | use p50 | use p99 | release p50 | release p99 | server CPU µs/pair | bench CPU µs/pair | CPU-bound ceiling | errors |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for mut r in rows {
         let rate = r.pairs as f64 / r.secs;
+        let own_cpu = format!("{:.0}", r.own_cpu_us_per_pair);
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.mode,
             r.clients,
             human(rate),
@@ -189,22 +200,33 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
             us(r.release_lat.pct_us(50.0)),
             us(r.release_lat.pct_us(99.0)),
             if r.cpu_us_per_pair.is_finite() { format!("{:.0}", r.cpu_us_per_pair) } else { "—".into() },
+            own_cpu,
+            ceiling(cores, r.cpu_us_per_pair, r.own_cpu_us_per_pair),
             r.errors
         );
         if r.errors > 0 {
             ok = false;
             println!(
-                "|  ↳ first error | | {} | | | | | | |",
+                "|  ↳ first error | | {} | | | | | | | | |",
                 r.first_error.unwrap_or_default().replace('|', "/").chars().take(160).collect::<String>()
             );
         }
         if r.mode.starts_with("HTTP") && r.clients == 64 {
             println!(
-                "|  ↳ target ≥ 10,000 leases/s at 64 | | **{}** | | | | | | |",
+                "|  ↳ target ≥ 10,000 leases/s at 64 | | **{}** | | | | | | | | |",
                 if rate >= 10_000.0 { "met" } else { "missed" }
             );
         }
     }
-    println!();
+    println!(
+        "\nbench CPU: this process (the signing HTTP load generator; in process, also the vault). \
+         CPU-bound ceiling: pairs/s if all {cores} cores ran only server and bench at the measured CPU per pair.\n"
+    );
     Ok(ok)
+}
+
+/// Pairs per second `cores` could sustain at `server_us` + `bench_us` CPU per pair.
+fn ceiling(cores: usize, server_us: f64, bench_us: f64) -> String {
+    let per_pair = if server_us.is_finite() { server_us + bench_us } else { bench_us };
+    if per_pair > 0.0 { human(cores as f64 * 1e6 / per_pair) } else { "—".into() }
 }
