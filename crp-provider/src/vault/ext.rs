@@ -1,7 +1,6 @@
 //! The `x-crp/` extension methods (vault store / retrieve / delete / list, policy check, audit
 //! query, whoami), and the JSON (de)serialisation helpers the dispatcher in `provider.rs` uses.
 
-use std::collections::BTreeMap;
 
 use crp_core::CrpError;
 use crp_core::provider::CallContext;
@@ -15,7 +14,7 @@ use crate::credentials::{self, CredentialConfig, CredentialKind, CredentialRecor
 use crate::policy::Action;
 use crate::store::{now_ms, rfc3339};
 
-use super::{Vault, internal};
+use super::{Vault, internal, placeholder_credential};
 use super::authz::Az;
 use super::operator::validate_new;
 
@@ -204,21 +203,7 @@ impl Vault {
             Some(k) => credentials::get(&self.inner.store, k).await.map_err(|e| internal("storage failure")(e.to_string()))?,
             None => None,
         };
-        let resource = resource.unwrap_or_else(|| CredentialRecord {
-            key: p.key.clone().unwrap_or_else(|| "*".into()),
-            service: "*".into(),
-            kind: CredentialKind::Custom,
-            classification: Classification::Restricted,
-            tags: vec![],
-            scopes: vec![],
-            max_ttl: None,
-            renewable: false,
-            metadata: BTreeMap::new(),
-            expires_at: None,
-            version: 0,
-            created_at: 0,
-            updated_at: 0,
-        });
+        let resource = resource.unwrap_or_else(|| placeholder_credential(p.key.as_deref().unwrap_or("*"), "*"));
         let template = match &p.key {
             Some(k) => template.key(k),
             None => template,

@@ -2,20 +2,19 @@
 //! check they share, and [`LeaseFacts`]: what release needs to know about a lease, kept in
 //! memory from the moment the lease is granted.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use crp_core::CrpError;
 use crp_core::provider::CallContext;
 use crp_core::types::{
-    Classification, LeaseAction, LeaseParams, LeaseReleased, LeaseRenewed, LeaseResult, RevokeParams,
+    LeaseAction, LeaseParams, LeaseReleased, LeaseRenewed, LeaseResult, RevokeParams,
     RevokeResult,
 };
 
 use crate::epoch::Domain;
 use crate::audit::{AuditRecord, events};
 use crate::cache::Lookup;
-use crate::credentials::{CredentialKind, CredentialRecord};
+use crate::credentials::CredentialRecord;
 use crate::leases::{self, LeaseError, LeaseRecord};
 use crate::policy::Action;
 use crate::store::{now_ms, rfc3339};
@@ -51,25 +50,6 @@ impl LeaseFacts {
     }
 }
 
-/// What policy sees of a credential that was deleted while leases on it lived: nothing but its
-/// key and service, at the most restrictive classification.
-fn deleted_credential(key: &str, service: &str) -> CredentialRecord {
-    CredentialRecord {
-        key: key.to_string(),
-        service: service.to_string(),
-        kind: CredentialKind::Custom,
-        classification: Classification::Restricted,
-        tags: vec![],
-        scopes: vec![],
-        max_ttl: None,
-        renewable: false,
-        metadata: BTreeMap::new(),
-        expires_at: None,
-        version: 0,
-        created_at: 0,
-        updated_at: 0,
-    }
-}
 
 impl Vault {
 
@@ -96,7 +76,7 @@ impl Vault {
     /// The credential behind a lease as policy sees it (a stand-in when it was deleted).
     async fn lease_credential(&self, key: &str, service: &str) -> Result<Arc<CredentialRecord>, CrpError> {
         let cred = self.credential_shared(key).await.map_err(|e| internal("storage failure")(e.to_string()))?;
-        Ok(cred.unwrap_or_else(|| Arc::new(deleted_credential(key, service))))
+        Ok(cred.unwrap_or_else(|| Arc::new(super::placeholder_credential(key, service))))
     }
 
     async fn owned_lease(&self, agent: &str, lease_id: &str, template: &AuditRecord) -> Result<(LeaseRecord, CredentialRecord), CrpError> {

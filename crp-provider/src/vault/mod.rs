@@ -898,3 +898,24 @@ fn write_new_file(p: &Path, bytes: &[u8], mode: u32) -> Result<(), VaultError> {
     f.sync_all().map_err(|e| io_err("cannot sync", p, e))?;
     set_mode(p, mode)
 }
+
+/// What policy sees of a credential it cannot read: nothing but a key and a service, at the
+/// most restrictive classification (a credential deleted while leases on it lived, or one
+/// named by a dry-run policy check that does not exist).
+pub(super) fn placeholder_credential(key: &str, service: &str) -> CredentialRecord {
+    CredentialRecord {
+        key: key.to_string(),
+        service: service.to_string(),
+        kind: crate::credentials::CredentialKind::Custom,
+        classification: crp_core::types::Classification::Restricted,
+        tags: vec![],
+        scopes: vec![],
+        max_ttl: None,
+        renewable: false,
+        metadata: std::collections::BTreeMap::new(),
+        expires_at: None,
+        version: 0,
+        created_at: 0,
+        updated_at: 0,
+    }
+}
