@@ -185,17 +185,30 @@ impl Vault {
         let (_, cred) = self.owned_lease(&target.agent, &target.id, &template).await?;
         let az = Az { scopes: &target.scopes, ttl: 0, purpose: None, consumer: None, depth: target.depth };
         let policy = self.authorize(&who, Action::Revoke, &cred, &az, &template).await?;
-        self.append(template.policy(policy.as_deref()).with("detail", p.detail.clone().unwrap_or_default())).await?;
+        let template = template.policy(policy.as_deref());
+        self.append(template.clone().with("detail", p.detail.clone().unwrap_or_default())).await?;
         let now = now_ms();
         let descendants = leases::revoke_subtree(store, &target.id, p.reason.as_str(), now).await;
         self.changed(Domain::Leases);
-        let descendants = descendants.map_err(|e| match e {
-                LeaseError::Store(s) => {
-                    tracing::error!(target: "crp_provider::vault", "revoke failed: {s}");
-                    CrpError::revocation_failed("storage failure")
-                }
-                other => lease_err(other, &target.id),
-            })?;
+        let descendants = match descendants {
+            Ok(d) => d,
+            Err(e) => {
+                // The entry above recorded the decision; this one records that the revocation
+                // did not happen, so the log never claims a revocation that failed.
+                self.append(template.event(events::ERROR, "error").with("reason", match &e {
+                    LeaseError::Store(_) => "revocation failed: storage failure".to_string(),
+                    other => format!("revocation failed: {other}"),
+                }))
+                .await?;
+                return Err(match e {
+                    LeaseError::Store(s) => {
+                        tracing::error!(target: "crp_provider::vault", "revoke failed: {s}");
+                        CrpError::revocation_failed("storage failure")
+                    }
+                    other => lease_err(other, &target.id),
+                });
+            }
+        };
         let mut affected = vec![target.id.clone()];
         affected.extend(descendants);
         Ok(RevokeResult { revoked: true, lease_id: target.id, revoked_at: rfc3339(now), affected_leases: affected })
