@@ -116,6 +116,36 @@ impl Vault {
         self.inner.policy.authorize(&who.id, &who.roles, action, &attrs, &ctx)
     }
 
+    /// Among `candidates` (in key order), the first credential the policy allows for `action`;
+    /// when none is allowed, the one with the least restrictive outcome (the first of equals),
+    /// with its decision and the TTL it would be granted. `crp/use` and `crp/resolve` choose
+    /// the same way.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn choose<'c>(
+        &self,
+        who: &Principal,
+        action: Action,
+        candidates: impl IntoIterator<Item = &'c CredentialRecord>,
+        scopes: &[String],
+        requested_ttl: Option<u32>,
+        purpose: Option<&str>,
+        consumer: Option<&str>,
+    ) -> Option<(&'c CredentialRecord, Decision, u32)> {
+        let mut chosen: Option<(&CredentialRecord, Decision, u32)> = None;
+        for c in candidates {
+            let ttl = self.caps(c).grant_ttl(requested_ttl);
+            let d = self.decide(who, action, c, &Az { scopes, ttl, purpose, consumer, depth: 0 });
+            if chosen.as_ref().is_none_or(|(_, prev, _)| d.outcome < prev.outcome) {
+                let allow = d.outcome == Outcome::Allow;
+                chosen = Some((c, d, ttl));
+                if allow {
+                    break;
+                }
+            }
+        }
+        chosen
+    }
+
     /// Authorize with side effects: audit refusals, hold approvals, consume an approval.
     /// Returns the deciding policy id on allow.
     pub(super) async fn authorize(

@@ -15,7 +15,7 @@ use crp_core::types::ext::InjectionRule;
 use crate::audit::{AuditRecord, events};
 use crate::credentials::{self, CredentialConfig, CredentialKind, CredentialRecord};
 use crate::leases;
-use crate::policy::{Action, Decision, Outcome};
+use crate::policy::Action;
 use crate::store::{now_ms, rfc3339};
 
 use super::{PROVIDER_NAME, Vault, ctx_fields, internal, lease_err};
@@ -111,29 +111,17 @@ impl Vault {
             credentials::by_service(store, &p.service).await.map_err(|e| internal("storage failure")(e.to_string()))?;
         let now = now_ms();
         let requested = leases::dedup(&p.scopes);
-        let mut chosen: Option<(CredentialRecord, Decision, u32)> = None;
-        for c in candidates.into_iter().filter(|c| !c.is_expired(now)) {
-            if p.credential_type.is_some_and(|t| t != c.kind.crp_type()) {
-                continue;
-            }
-            let ttl = self.caps(&c).grant_ttl(p.ttl);
-            let d = self.decide(&who, Action::Resolve, &c, &Az { scopes: &requested, ttl, purpose, consumer, depth: 0 });
-            let better = chosen.as_ref().is_none_or(|(_, prev, _)| d.outcome < prev.outcome);
-            if better {
-                let allow = d.outcome == Outcome::Allow;
-                chosen = Some((c, d, ttl));
-                if allow {
-                    break;
-                }
-            }
-        }
+        let live = candidates
+            .iter()
+            .filter(|c| !c.is_expired(now) && p.credential_type.is_none_or(|t| t == c.kind.crp_type()));
+        let chosen = self.choose(&who, Action::Resolve, live, &requested, p.ttl, purpose, consumer);
         let Some((cred, decision, ttl)) = chosen else {
             self.append(template.event(events::DENIED, "deny").with("reason", "service not found")).await?;
             return Err(CrpError::service_not_found(&p.service));
         };
         let template = template.key(&cred.key);
         let az = Az { scopes: &requested, ttl, purpose, consumer, depth: 0 };
-        let policy = self.enforce(&who, Action::Resolve, &cred, &az, &template, decision).await?;
+        let policy = self.enforce(&who, Action::Resolve, cred, &az, &template, decision).await?;
         let unknown: Vec<String> = requested.iter().filter(|s| !cred.scopes.contains(s)).cloned().collect();
         if !unknown.is_empty() {
             self.append(template.event(events::DENIED, "deny").with("reason", "scope unavailable")).await?;
@@ -149,19 +137,19 @@ impl Vault {
         else {
             return Err(CrpError::service_not_found(&p.service));
         };
-        let mut caps = self.caps(&cred);
+        let mut caps = self.caps(cred);
         if !cred.renewable {
             caps.max_lease_lifetime = ttl;
         }
         // The export lease tracks the material; its proxy session token is never handed out.
-        let (nl, _session_token) = new_lease(&who, &cred, requested.clone(), ttl, caps, purpose, consumer)?;
+        let (nl, _session_token) = new_lease(&who, cred, requested.clone(), ttl, caps, purpose, consumer)?;
         let lease_id = nl.id.clone();
         self.append(template.clone().policy(policy.as_deref()).lease(&lease_id).with("ttl", ttl)).await?;
         self.append(template.event(events::EXPORTED, "allow").policy(policy.as_deref()).lease(&lease_id)).await?;
         let depth_cap = self.depth_cap().await;
         let rec = leases::insert_root(store, &nl, depth_cap, now_ms()).await.map_err(|e| lease_err(e, &lease_id))?;
         Ok(ResolveResult {
-            credential: material(&cred, &config, value),
+            credential: material(cred, &config, value),
             lease: rec.to_wire(),
             service: cred.service.clone(),
             granted_scopes: rec.scopes.clone(),

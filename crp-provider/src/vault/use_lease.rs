@@ -11,7 +11,7 @@ use crate::audit::{AuditRecord, events};
 use crate::credentials::CredentialRecord;
 use crate::crypto;
 use crate::leases::{self, Caps, LeaseRecord, NewLease};
-use crate::policy::{Action, Decision, Outcome};
+use crate::policy::Action;
 use crate::store::now_ms;
 
 use super::{Vault, ctx_fields, internal, lease_err};
@@ -70,24 +70,7 @@ impl Vault {
             return Err(CrpError::credential_unavailable("the stored credential has expired"));
         }
         let requested = leases::dedup(&p.scopes);
-        // Pick the first credential (by key) the policy allows; else the first one's decision.
-        let mut chosen: Option<(&CredentialRecord, Decision, u32)> = None;
-        for c in &live {
-            let ttl = self.caps(c).grant_ttl(p.ttl);
-            let az = Az { scopes: &requested, ttl, purpose, consumer, depth: 0 };
-            let d = self.decide(&who, Action::Use, c, &az);
-            let better = match &chosen {
-                None => true,
-                Some((_, prev, _)) => d.outcome < prev.outcome,
-            };
-            if better {
-                let allow = d.outcome == Outcome::Allow;
-                chosen = Some((c, d, ttl));
-                if allow {
-                    break;
-                }
-            }
-        }
+        let chosen = self.choose(&who, Action::Use, live.iter().copied(), &requested, p.ttl, purpose, consumer);
         let Some((cred, decision, ttl)) = chosen else {
             return Err(CrpError::service_not_found(&p.service));
         };
