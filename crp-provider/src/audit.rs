@@ -409,7 +409,39 @@ async fn run_ops<C: LeaseConn>(c: &mut C, batch: &[Req]) -> Result<OpResults, Ba
         let culprit = if batch.len() == 1 { Some((0, e)) } else { None };
         return Err(BatchFail { msg: "lease insert failed".into(), culprit, stale_head: false, broken: false });
     }
+    // Releases in one go when nothing else in the batch can see their order: with no
+    // delegation in the batch, a release touches no lease another op names (new roots are
+    // unknown to clients until the commit), and releases of the same lease are resolved in
+    // queue order by `release_many`.
+    let releases: Vec<(usize, &str, i64)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| match &r.op {
+            Some(LeaseOp::Release { id, now }) => Some((i, id.as_str(), *now)),
+            _ => None,
+        })
+        .collect();
+    let has_child = batch.iter().any(|r| matches!(r.op, Some(LeaseOp::InsertChild { .. })));
+    let mut released: Vec<Option<Result<LeaseOutcome, LeaseError>>> = Vec::new();
+    if releases.len() >= 2 && !has_child {
+        let pairs: Vec<(&str, i64)> = releases.iter().map(|(_, id, now)| (*id, *now)).collect();
+        let outcomes = c.release_many(&pairs).await.map_err(|e| BatchFail {
+            msg: e.to_string(),
+            // Which release failed is only known when items are retried one by one.
+            culprit: None,
+            stale_head: false,
+            broken: false,
+        })?;
+        released.resize_with(batch.len(), || None);
+        for ((i, _, _), o) in releases.iter().zip(outcomes) {
+            released[*i] = Some(o);
+        }
+    }
     for (i, r) in batch.iter().enumerate() {
+        if let Some(done) = released.get_mut(i).and_then(Option::take) {
+            results.push(done.map(Some));
+            continue;
+        }
         match &r.op {
             None => results.push(Ok(None)),
             Some(LeaseOp::InsertRoot(rec)) => results.push(Ok(Some(LeaseOutcome::Inserted(rec.clone())))),

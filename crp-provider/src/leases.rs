@@ -687,7 +687,28 @@ pub trait LeaseConn: Send {
         &'a mut self,
         recs: &'a [&'a LeaseRecord],
     ) -> impl std::future::Future<Output = Result<(), LeaseError>> + Send + 'a;
+
+    /// Release several leases (`(id, now)` each, in queue order): the same results as applying
+    /// [`LeaseOp::Release`] to each in turn, when no other op of the batch touches them. On
+    /// SQLite the releases are one statement (plus the descendants of leases that have
+    /// children, and a read for each refusal); elsewhere one op after the other.
+    fn release_many<'a>(
+        &'a mut self,
+        releases: &'a [(&'a str, i64)],
+    ) -> impl std::future::Future<Output = Result<Vec<Result<LeaseOutcome, LeaseError>>, LeaseError>> + Send + 'a;
 }
+
+/// Release the leases of a JSON array of `[id, now]` pairs (`$1`) that are active and not past
+/// expiry at their `now`; returns, for each released one, what its subtree needs (`parent_id`,
+/// `path`, the [`unpathed_probe`]) and whether it has children at all.
+const RELEASE_MANY_SQLITE: &str = concat!(
+    "UPDATE leases SET state = 'released', ended_at = j.now, end_reason = 'released'
+    FROM (SELECT json_extract(value, '$[0]') AS id, json_extract(value, '$[1]') AS now FROM json_each($1)) AS j
+    WHERE leases.id = j.id AND leases.state = 'active' AND leases.expires_at > j.now
+    RETURNING id, parent_id, path, ",
+    unpathed_probe!(),
+    ", EXISTS (SELECT 1 FROM leases c WHERE c.parent_id = leases.id), ended_at"
+);
 
 impl LeaseConn for sqlx::SqliteConnection {
     async fn insert_roots<'a>(&'a mut self, recs: &'a [&'a LeaseRecord]) -> Result<(), LeaseError> {
@@ -701,6 +722,36 @@ impl LeaseConn for sqlx::SqliteConnection {
     async fn apply_op<'a>(&'a mut self, op: &'a LeaseOp) -> Result<LeaseOutcome, LeaseError> {
         let c = self;
         apply_op_body!(c, SQLITE, op)
+    }
+
+    async fn release_many<'a>(&'a mut self, releases: &'a [(&'a str, i64)]) -> Result<Vec<Result<LeaseOutcome, LeaseError>>, LeaseError> {
+        let c = self;
+        let pairs = serde_json::to_string(releases).map_err(|e| LeaseError::Store(StoreError::Corrupt(e.to_string())))?;
+        type Hit = (String, Option<String>, Option<Vec<u8>>, i64, bool, i64);
+        let hits: Vec<Hit> = sqlx::query_as(RELEASE_MANY_SQLITE).bind(pairs).fetch_all(&mut *c).await?;
+        let mut released: std::collections::HashMap<String, Hit> = hits.into_iter().map(|h| (h.0.clone(), h)).collect();
+        let mut out = Vec::with_capacity(releases.len());
+        for (id, now) in releases {
+            // The first op naming a lease gets the release; any later one in the batch finds it
+            // ended, as it would have one after the other.
+            let Some((_, parent_id, path, unpathed, has_children, ended_at)) = released.remove(*id) else {
+                let Some(l) = get_lease!(&mut *c, *id) else {
+                    out.push(Err(LeaseError::NotFound));
+                    continue;
+                };
+                out.push(check_usable(&l, *now).and(Err(LeaseError::Expired)));
+                continue;
+            };
+            if !has_children {
+                out.push(Ok(LeaseOutcome::Released(Vec::new())));
+                continue;
+            }
+            let prefix = subtree_prefix!(c, SQLITE, id, parent_id, path, unpathed);
+            let mut ids = end_descendants!(c, SQLITE, &prefix, ended_at, "parent_released");
+            ids.sort();
+            out.push(Ok(LeaseOutcome::Released(ids)));
+        }
+        Ok(out)
     }
 }
 
@@ -716,6 +767,17 @@ impl LeaseConn for sqlx::PgConnection {
     async fn apply_op<'a>(&'a mut self, op: &'a LeaseOp) -> Result<LeaseOutcome, LeaseError> {
         let c = self;
         apply_op_body!(c, POSTGRES, op)
+    }
+
+    async fn release_many<'a>(&'a mut self, releases: &'a [(&'a str, i64)]) -> Result<Vec<Result<LeaseOutcome, LeaseError>>, LeaseError> {
+        let mut out = Vec::with_capacity(releases.len());
+        for (id, now) in releases {
+            match self.apply_op(&LeaseOp::Release { id: (*id).to_string(), now: *now }).await {
+                Err(LeaseError::Store(e)) => return Err(LeaseError::Store(e)),
+                r => out.push(r),
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -260,3 +260,66 @@ fn unwritable_audit_rolls_back_the_lease() {
         assert_eq!(count(&store, "SELECT COUNT(*) FROM audit").await, 1);
     });
 }
+
+/// Releases queued together are applied in one statement on SQLite, with the results a
+/// one-after-the-other application gives: the first release of a lease wins and a second one
+/// in the same batch finds it released; unknown and expired leases are refused alone; a
+/// released parent ends its delegated child; every success has its entry and nothing else.
+#[test]
+fn releases_in_one_batch_resolve_in_queue_order() {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let (_dir, store, key, log) = setup().await;
+        let now = crp_provider::store::now_ms();
+        for i in 0..6 {
+            let rec = leases::root_record(&new_lease(&format!("lease_r{i}")), 2, now);
+            leases::apply(&store, &LeaseOp::InsertRoot(rec)).await.unwrap();
+        }
+        let child = LeaseOp::InsertChild {
+            parent_id: "lease_r1".into(),
+            lease: new_lease("lease_r1_child"),
+            requested_ttl: Some(30),
+            requested_max_depth: None,
+            provider_cap: 2,
+            now,
+        };
+        leases::apply(&store, &child).await.unwrap();
+        // lease_r5 is past its expiry at the release's clock.
+        let later = now + 61_000;
+        let ops = [
+            ("lease_r0", now),
+            ("lease_r1", now),
+            ("lease_r0", now),
+            ("lease_nope", now),
+            ("lease_r2", now),
+            ("lease_r5", later),
+            ("lease_r3", now),
+        ];
+        // current_thread: every task queues before the writer runs, so they share one batch.
+        let mut tasks = Vec::new();
+        for (id, at) in ops {
+            let log = log.clone();
+            let op = LeaseOp::Release { id: id.into(), now: at };
+            tasks.push(tokio::spawn(async move { log.append_with(AuditRecord::new("lease.released", "a", "allow").lease(id), op).await }));
+        }
+        let (tx_before, _) = log.stats();
+        let mut results = Vec::new();
+        for t in tasks {
+            results.push(t.await.unwrap());
+        }
+        assert_eq!(log.stats().0 - tx_before, 1, "one transaction for the batch");
+        assert!(matches!(results[0], Ok((_, LeaseOutcome::Released(ref d))) if d.is_empty()), "{:?}", results[0]);
+        assert!(matches!(results[1], Ok((_, LeaseOutcome::Released(ref d))) if d == &vec!["lease_r1_child".to_string()]), "{:?}", results[1]);
+        assert!(matches!(results[2], Err(AppendError::Lease(LeaseError::Ended("released")))), "{:?}", results[2]);
+        assert!(matches!(results[3], Err(AppendError::Lease(LeaseError::NotFound))), "{:?}", results[3]);
+        assert!(matches!(results[4], Ok(_)), "{:?}", results[4]);
+        assert!(matches!(results[5], Err(AppendError::Lease(LeaseError::Expired))), "{:?}", results[5]);
+        assert!(matches!(results[6], Ok(_)), "{:?}", results[6]);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE state = 'released'").await, 4);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE id = 'lease_r1_child' AND state = 'revoked' AND end_reason = 'parent_released'").await, 1);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE state = 'active'").await, 2);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM audit").await, 4);
+        let r = crp_provider::audit::verify(&store, &key).await.unwrap();
+        assert!(r.ok && r.entries == 4, "{r:?}");
+    });
+}
