@@ -59,7 +59,17 @@ impl<K: Eq + Hash, V: Clone> EpochCache<K, V> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let Some(stamp) = self.epochs.stamp(self.domains) else { return Lookup::Miss(Ticket(None)) };
+        let Some(stamp) = self.epochs.stamp(self.domains) else {
+            // No trustworthy stamp (caching off, or the stamp file lost): serve nothing, and
+            // drop what is held so no opened credential lingers in memory.
+            if let Ok(mut st) = self.state.lock()
+                && !st.map.is_empty()
+            {
+                st.map.clear();
+                st.stamp = None;
+            }
+            return Lookup::Miss(Ticket(None));
+        };
         let Ok(mut st) = self.state.lock() else { return Lookup::Miss(Ticket(None)) };
         if st.stamp != Some(stamp) {
             st.map.clear();
@@ -158,6 +168,21 @@ mod tests {
         }
         assert_eq!(c.len(), 1, "the third insert into a cap-2 map starts over");
         assert!(matches!(c.get("c"), Lookup::Hit(2)));
+    }
+
+    #[test]
+    fn a_lost_stamp_file_empties_the_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = Epochs::path_for(&dir.path().join("v.db"));
+        let epochs = Epochs::open(&path).unwrap();
+        let c = cache(&epochs);
+        let t = miss(c.get("a"));
+        c.insert(t, "a".into(), 1);
+        assert!(matches!(c.get("a"), Lookup::Hit(1)));
+        std::fs::remove_file(&path).unwrap();
+        epochs.bump(Domain::Leases); // notices the file is gone
+        assert!(matches!(c.get("a"), Lookup::Miss(_)));
+        assert!(c.is_empty(), "nothing opened stays in memory once stamps cannot be trusted");
     }
 
     #[test]
