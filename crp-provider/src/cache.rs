@@ -96,13 +96,6 @@ impl<K: Eq + Hash, V: Clone> EpochCache<K, V> {
         st.map.insert(key, (value, Instant::now()));
     }
 
-    /// Drop every entry (this process only; other processes learn of changes by the stamps).
-    pub fn clear(&self) {
-        if let Ok(mut st) = self.state.lock() {
-            st.map.clear();
-        }
-    }
-
     /// Number of entries (for metrics and tests).
     pub fn len(&self) -> usize {
         self.state.lock().map(|s| s.map.len()).unwrap_or(0)

@@ -568,6 +568,30 @@ pub enum LeaseOutcome {
     Released(Vec<String>),
 }
 
+/// The rest of releasing lease `$id` at `$now` once its `UPDATE` ran. `$hit` is what the
+/// update returned for it (`parent_id`, `path`, [`unpathed_probe`]), `None` when nothing was
+/// released: the refusal is then classified by a read (unknown, ended, expired). When
+/// `$has_children` its active descendants end as `parent_released`. Evaluates to the op's
+/// result; storage errors return early.
+macro_rules! finish_release {
+    ($c:ident, $d:expr, $id:expr, $now:expr, $hit:expr, $has_children:expr) => {{
+        let id: &str = $id;
+        match $hit {
+            None => match get_lease!(&mut *$c, id) {
+                None => Err(LeaseError::NotFound),
+                Some(l) => check_usable(&l, $now).and(Err(LeaseError::Expired)),
+            },
+            Some(_) if !$has_children => Ok(LeaseOutcome::Released(Vec::new())),
+            Some((parent_id, path, unpathed)) => {
+                let prefix = subtree_prefix!($c, $d, id, parent_id, path, unpathed);
+                let mut ids = end_descendants!($c, $d, &prefix, $now, "parent_released");
+                ids.sort();
+                Ok(LeaseOutcome::Released(ids))
+            }
+        }
+    }};
+}
+
 /// Run `$op` (a `&LeaseOp`) on connection `$c` (`&mut SqliteConnection` / `&mut PgConnection`).
 /// Every refusal is detected by reads before anything is written, so a refused op leaves the
 /// surrounding transaction usable (also on PostgreSQL).
@@ -626,15 +650,7 @@ macro_rules! apply_op_body {
                 // The common case in one statement; a refusal is classified by a read after.
                 let hit: Option<(Option<String>, Option<Vec<u8>>, i64)> =
                     sqlx::query_as(RELEASE_ONE).bind(id.as_str()).bind(now).fetch_optional(&mut *$c).await?;
-                let Some((parent_id, path, unpathed)) = hit else {
-                    let l: LeaseRecord = get_lease!(&mut *$c, id.as_str()).ok_or(LeaseError::NotFound)?;
-                    check_usable(&l, now)?;
-                    return Err(LeaseError::Expired);
-                };
-                let prefix = subtree_prefix!($c, $d, id.as_str(), parent_id, path, unpathed);
-                let mut ids = end_descendants!($c, $d, &prefix, now, "parent_released");
-                ids.sort();
-                Ok(LeaseOutcome::Released(ids))
+                finish_release!($c, $d, id.as_str(), now, hit, true)
             }
         }
     }};
@@ -707,7 +723,7 @@ const RELEASE_MANY_SQLITE: &str = concat!(
     WHERE leases.id = j.id AND leases.state = 'active' AND leases.expires_at > j.now
     RETURNING id, parent_id, path, ",
     unpathed_probe!(),
-    ", EXISTS (SELECT 1 FROM leases c WHERE c.parent_id = leases.id), ended_at"
+    ", EXISTS (SELECT 1 FROM leases c WHERE c.parent_id = leases.id)"
 );
 
 impl LeaseConn for sqlx::SqliteConnection {
@@ -727,29 +743,17 @@ impl LeaseConn for sqlx::SqliteConnection {
     async fn release_many<'a>(&'a mut self, releases: &'a [(&'a str, i64)]) -> Result<Vec<Result<LeaseOutcome, LeaseError>>, LeaseError> {
         let c = self;
         let pairs = serde_json::to_string(releases).map_err(|e| LeaseError::Store(StoreError::Corrupt(e.to_string())))?;
-        type Hit = (String, Option<String>, Option<Vec<u8>>, i64, bool, i64);
+        type Hit = (String, Option<String>, Option<Vec<u8>>, i64, bool);
         let hits: Vec<Hit> = sqlx::query_as(RELEASE_MANY_SQLITE).bind(pairs).fetch_all(&mut *c).await?;
         let mut released: std::collections::HashMap<String, Hit> = hits.into_iter().map(|h| (h.0.clone(), h)).collect();
         let mut out = Vec::with_capacity(releases.len());
         for (id, now) in releases {
             // The first op naming a lease gets the release; any later one in the batch finds it
             // ended, as it would have one after the other.
-            let Some((_, parent_id, path, unpathed, has_children, ended_at)) = released.remove(*id) else {
-                let Some(l) = get_lease!(&mut *c, *id) else {
-                    out.push(Err(LeaseError::NotFound));
-                    continue;
-                };
-                out.push(check_usable(&l, *now).and(Err(LeaseError::Expired)));
-                continue;
-            };
-            if !has_children {
-                out.push(Ok(LeaseOutcome::Released(Vec::new())));
-                continue;
-            }
-            let prefix = subtree_prefix!(c, SQLITE, id, parent_id, path, unpathed);
-            let mut ids = end_descendants!(c, SQLITE, &prefix, ended_at, "parent_released");
-            ids.sort();
-            out.push(Ok(LeaseOutcome::Released(ids)));
+            let hit = released.remove(*id);
+            let has_children = hit.as_ref().is_some_and(|h| h.4);
+            let hit = hit.map(|(_, parent_id, path, unpathed, _)| (parent_id, path, unpathed));
+            out.push(finish_release!(c, SQLITE, id, *now, hit, has_children));
         }
         Ok(out)
     }
