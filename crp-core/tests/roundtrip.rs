@@ -440,7 +440,8 @@ roundtrips! {
 fn valid_params_satisfy_the_committed_schemas() {
     fn check<T: Serialize + Debug>(stem: &str, strategy: impl Strategy<Value = T>, valid: impl Fn(&T) -> bool) {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../schemas/{stem}.schema.json"));
-        let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).expect("committed schema")).expect("schema JSON");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+        let schema: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         let validator = jsonschema::draft202012::new(&schema).expect("schema compiles");
         let mut runner = proptest::test_runner::TestRunner::default();
         runner

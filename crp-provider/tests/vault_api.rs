@@ -37,7 +37,7 @@ async fn use_proxy_grant_renew_delegate_revoke() {
     store(&v, "gh/main", "github.com/api", &["read", "write"]).await;
 
     let u = v.use_credential(&owner(), use_params("github.com/api")).await.unwrap();
-    assert!(u.lease.id.starts_with("lease_") && u.lease.id.len() == 6 + 32);
+    assert!(u.lease.id.starts_with("lease_") && u.lease.id.len() == 6 + 12 + 32);
     assert_eq!(u.proxy_base_url, format!("http://127.0.0.1:7777/api/v1/proxy/t/{}", u.lease.id));
     assert_eq!(u.lease.ttl, 300);
     assert_eq!(u.granted_scopes, vec!["read"]);

@@ -17,7 +17,8 @@ use crate::store::now_ms;
 use super::{Vault, ctx_fields, internal, lease_err};
 use super::authz::{Az, Principal};
 
-/// A fresh lease for `who` on `cred`: a 128-bit random id and a 256-bit session token. The
+/// A fresh lease for `who` on `cred`: a time-ordered id with 128 random bits
+/// ([`crypto::time_ordered_hex_id`]) and a 256-bit session token. The
 /// token is returned once, to the caller; only its SHA-256 is stored.
 pub(super) fn new_lease(
     who: &Principal,
@@ -28,7 +29,7 @@ pub(super) fn new_lease(
     purpose: Option<&str>,
     consumer: Option<&str>,
 ) -> Result<(NewLease, Zeroizing<String>), CrpError> {
-    let id = crypto::random_hex_id("lease_", 16).map_err(|e| internal("random generator failure")(e.to_string()))?;
+    let id = crypto::time_ordered_hex_id("lease_", crate::store::now_ms(), 16).map_err(|e| internal("random generator failure")(e.to_string()))?;
     let token = crypto::random_token("crpst_", 32).map_err(|e| internal("random generator failure")(e.to_string()))?;
     let nl = NewLease {
         id,
