@@ -48,6 +48,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::crypto::{Key32, hmac_sha256};
 use crate::leases::{LeaseConn, LeaseError, LeaseOp, LeaseOutcome, LeaseRecord};
 use crate::config::Durability;
+use crate::epoch::{Domain, Epochs};
 use crate::store::{Store, StoreError, now_ms, parse_rfc3339, rfc3339, with_pool};
 
 /// Event names (v0.1 §10.1 and this implementation's additions).
@@ -670,6 +671,15 @@ struct Writer {
     /// lock, so the redo cannot collide again). Forgotten after any failure.
     head: Option<Head>,
     scratch: Vec<u8>,
+    /// The vault's change stamps: after a transaction that released leases, the writer bumps
+    /// [`Domain::Leases`] once, before any caller hears the result (so a released lease's
+    /// grant is gone from every process's cache when the release is acknowledged).
+    epochs: Epochs,
+}
+
+/// Whether any of `items` ends a lease (its commit must bump [`Domain::Leases`]).
+fn ends_leases<'a>(items: impl IntoIterator<Item = &'a Req>) -> bool {
+    items.into_iter().any(|r| matches!(r.op, Some(LeaseOp::Release { .. })))
 }
 
 impl Writer {
@@ -757,14 +767,23 @@ impl Writer {
     /// fails, each item is retried alone (its own transaction), so one bad item cannot fail its
     /// neighbours and each caller gets its own result.
     async fn commit_and_ack(&mut self, buf: &mut Vec<Req>) {
+        // Bumped whatever the outcome (a failed or partial release only flushes caches): one
+        // stamp write per transaction instead of one per release.
+        let bump = |w: &Self, items: &[Req]| {
+            if ends_leases(items) {
+                w.epochs.bump(Domain::Leases);
+            }
+        };
         match self.write_batch(buf).await {
             Ok(results) => {
                 self.count(&results);
+                bump(self, buf);
                 for (r, res) in buf.drain(..).zip(results) {
                     let _ = r.done.send(res.map_err(AppendError::Lease));
                 }
             }
             Err(first) if buf.len() == 1 => {
+                bump(self, buf);
                 let r = buf.remove(0);
                 let _ = r.done.send(Err(fail_to_error(first)));
             }
@@ -781,6 +800,7 @@ impl Writer {
                         }
                         Err(f) => Err(fail_to_error(f)),
                     };
+                    bump(self, one);
                     let _ = r.done.send(ack);
                 }
             }
@@ -823,15 +843,16 @@ impl AuditLog {
     /// Start the writer task on the current Tokio runtime, with the default durability
     /// ([`Durability::Fsync`]).
     pub fn start(store: Store, key: Key32) -> (Self, tokio::task::JoinHandle<()>) {
-        Self::start_with(store, key, Durability::Fsync)
+        Self::start_with(store, key, Durability::Fsync, Epochs::disabled())
     }
 
-    /// Start the writer task with the given `[audit] durability`.
-    pub fn start_with(store: Store, key: Key32, durability: Durability) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Start the writer task with the given `[audit] durability`, bumping `epochs` after each
+    /// transaction that released leases.
+    pub fn start_with(store: Store, key: Key32, durability: Durability, epochs: Epochs) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Req>(4096);
         let stats = std::sync::Arc::new(Stats::default());
         let writer =
-            Writer { store, key, durability, stats: stats.clone(), conn: None, head: None, scratch: Vec::with_capacity(512) };
+            Writer { store, key, durability, stats: stats.clone(), conn: None, head: None, scratch: Vec::with_capacity(512), epochs };
         let handle = tokio::spawn(writer.run(rx));
         (Self { tx, stats }, handle)
     }

@@ -45,7 +45,7 @@ fn root(id: &str) -> LeaseOp {
 /// the chain and its head verify.
 async fn two_writers(a: Store, b: Store, key: Key32, durability_b: Durability) {
     let (wa, _ta) = AuditLog::start(a.clone(), key.clone());
-    let (wb, _tb) = AuditLog::start_with(b.clone(), key.clone(), durability_b);
+    let (wb, _tb) = AuditLog::start_with(b.clone(), key.clone(), durability_b, crp_provider::epoch::Epochs::disabled());
     let mut seqs = Vec::new();
     // Strictly alternating, one at a time.
     for i in 0..20 {

@@ -145,9 +145,8 @@ impl Vault {
         let policy = self.authorize(&who, Action::Release, &cred, &az, &template).await?;
         // The release and its `lease.released` entry commit together.
         let op = leases::LeaseOp::Release { id: p.lease_id.clone(), now: now_ms() };
-        let released = self.lease_op(template.clone().policy(policy.as_deref()), template, op, &p.lease_id).await;
-        self.changed(Domain::Leases);
-        released?;
+        // The audit writer bumps the lease stamp once per transaction, before answering.
+        self.lease_op(template.clone().policy(policy.as_deref()), template, op, &p.lease_id).await?;
         Ok(LeaseResult::Released(LeaseReleased { released: true, lease_id: p.lease_id }))
     }
 

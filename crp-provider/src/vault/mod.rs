@@ -562,7 +562,6 @@ impl Vault {
         let src = read_policy_dir(&paths.policies_dir())?;
         let policy = PolicyEngine::new(&src).map_err(|e| VaultError::Policy(e.render("policies")))?;
         let stamp = policy_stamp(&paths.policies_dir());
-        let (audit, audit_task) = AuditLog::start_with(store.clone(), audit_key.clone(), config.audit.durability);
         let epochs = match store.sqlite_path() {
             Some(db) => {
                 let p = Epochs::path_for(&db);
@@ -570,6 +569,7 @@ impl Vault {
             }
             None => Epochs::disabled(),
         };
+        let (audit, audit_task) = AuditLog::start_with(store.clone(), audit_key.clone(), config.audit.durability, epochs.clone());
         let grants = EpochCache::new(epochs.clone(), &[Domain::Config, Domain::Leases], GRANT_CACHE_ENTRIES, CACHE_MAX_AGE);
         fn config_cache<K: Eq + std::hash::Hash, V: Clone>(epochs: &Epochs, cap: usize) -> EpochCache<K, V> {
             EpochCache::new(epochs.clone(), &[Domain::Config], cap, CACHE_MAX_AGE)
