@@ -7,12 +7,13 @@
 use crp_provider::audit::{self, AuditLog, AuditRecord};
 use crp_provider::config::Durability;
 use crp_provider::crypto::Key32;
-use crp_provider::leases::{self, Caps, LeaseOp, LeaseOutcome, NewLease};
+use crp_provider::leases::{self, LeaseOp, LeaseOutcome};
 use crp_provider::store::Store;
 use crp_provider::vault::{OpenOptions, Unlock, Vault};
 use crp_core::Provider;
 use crp_core::types::ext::AuditQueryParams;
 
+mod lease_support;
 mod pg_support;
 
 async fn count(store: &Store, sql: &'static str) -> i64 {
@@ -23,19 +24,7 @@ async fn count(store: &Store, sql: &'static str) -> i64 {
 }
 
 fn root(id: &str) -> LeaseOp {
-    let l = NewLease {
-        id: id.into(),
-        token_hash: format!("hash-{id}"),
-        credential_key: "k".into(),
-        service: "svc".into(),
-        agent: "a".into(),
-        scopes: vec!["read".into()],
-        ttl: 60,
-        caps: Caps { provider_max_ttl: 3600, credential_max_ttl: None, max_lease_lifetime: 3600 },
-        purpose: None,
-        consumer: None,
-    };
-    LeaseOp::InsertRoot(leases::root_record(&l, 2, crp_provider::store::now_ms()))
+    LeaseOp::InsertRoot(leases::root_record(&lease_support::new_lease(id), 2, crp_provider::store::now_ms()))
 }
 
 /// Two writers (as two processes would have: separate pools, separate writer tasks, one key)

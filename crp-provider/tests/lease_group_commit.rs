@@ -7,12 +7,15 @@ use crp_core::types::ext;
 use crp_core::types::{LeaseAction, LeaseParams, LeaseResult, UseParams};
 use crp_core::{CallContext, Provider};
 use crp_provider::audit::{AppendError, AuditLog, AuditRecord};
-use crp_provider::leases::{self, Caps, LeaseError, LeaseOp, LeaseOutcome, NewLease};
+use crp_provider::leases::{self, LeaseError, LeaseOp, LeaseOutcome};
 use crp_provider::store::Store;
 use crp_provider::vault::{OpenOptions, Unlock, Vault};
 use serde_json::json;
 
+mod lease_support;
 mod pg_support;
+
+use lease_support::new_lease;
 
 const CANARY: &str = "crp-canary-groupcommit-0a1b2c3d4e5f60718293a4b5c6d7e8f9";
 
@@ -130,21 +133,6 @@ async fn exercise(v: &Vault) {
     assert!(report.ok, "{report:?}");
     let _ = LeaseAction::Release;
     v.shutdown().await;
-}
-
-fn new_lease(id: &str) -> NewLease {
-    NewLease {
-        id: id.to_string(),
-        token_hash: crp_provider::crypto::sha256_hex(id.as_bytes()),
-        credential_key: "k".into(),
-        service: "svc".into(),
-        agent: "a".into(),
-        scopes: vec!["read".into()],
-        ttl: 60,
-        caps: Caps { provider_max_ttl: 3600, credential_max_ttl: None, max_lease_lifetime: 3600 },
-        purpose: None,
-        consumer: None,
-    }
 }
 
 async fn setup() -> (tempfile::TempDir, Store, crp_provider::crypto::Key32, AuditLog) {
@@ -312,9 +300,9 @@ fn releases_in_one_batch_resolve_in_queue_order() {
         assert!(matches!(results[1], Ok((_, LeaseOutcome::Released(ref d))) if d == &vec!["lease_r1_child".to_string()]), "{:?}", results[1]);
         assert!(matches!(results[2], Err(AppendError::Lease(LeaseError::Ended("released")))), "{:?}", results[2]);
         assert!(matches!(results[3], Err(AppendError::Lease(LeaseError::NotFound))), "{:?}", results[3]);
-        assert!(matches!(results[4], Ok(_)), "{:?}", results[4]);
+        assert!(results[4].is_ok(), "{:?}", results[4]);
         assert!(matches!(results[5], Err(AppendError::Lease(LeaseError::Expired))), "{:?}", results[5]);
-        assert!(matches!(results[6], Ok(_)), "{:?}", results[6]);
+        assert!(results[6].is_ok(), "{:?}", results[6]);
         assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE state = 'released'").await, 4);
         assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE id = 'lease_r1_child' AND state = 'revoked' AND end_reason = 'parent_released'").await, 1);
         assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE state = 'active'").await, 2);
