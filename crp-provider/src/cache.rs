@@ -96,6 +96,26 @@ impl<K: Eq + Hash, V: Clone> EpochCache<K, V> {
         st.map.insert(key, (value, Instant::now()));
     }
 
+    /// Both steps for a value that may be absent: the cached value, else `load`'s answer read
+    /// after the stamp was taken, kept only when present (an absent key is looked up every
+    /// time, so that made-up keys cannot fill the cache).
+    pub async fn get_or_load<Q, E, Fut>(&self, key: &Q, load: impl FnOnce() -> Fut) -> Result<Option<V>, E>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+        Fut: std::future::Future<Output = Result<Option<V>, E>>,
+    {
+        let ticket = match self.get(key) {
+            Lookup::Hit(v) => return Ok(Some(v)),
+            Lookup::Miss(t) => t,
+        };
+        let loaded = load().await?;
+        if let Some(v) = &loaded {
+            self.insert(ticket, key.to_owned(), v.clone());
+        }
+        Ok(loaded)
+    }
+
     /// Number of entries (for metrics and tests).
     pub fn len(&self) -> usize {
         self.state.lock().map(|s| s.map.len()).unwrap_or(0)

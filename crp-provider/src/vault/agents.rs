@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use crate::agents::{self, AgentError, ApprovalRecord};
 use crate::audit::{AuditRecord, events};
-use crate::cache::Lookup;
 use crate::epoch::Domain;
 
 use super::{AgentRecord, AgentStatus, OPERATOR, Vault, VaultError};
@@ -22,14 +21,7 @@ impl Vault {
     /// the database every time (never cached, so that a flood of made-up ids cannot fill the
     /// cache).
     pub(super) async fn agent_shared(&self, agent_id: &str) -> Result<Option<Arc<AgentRecord>>, AgentError> {
-        let ticket = match self.inner.agents.get(agent_id) {
-            Lookup::Hit(a) => return Ok(Some(a)),
-            Lookup::Miss(t) => t,
-        };
-        let Some(rec) = agents::get(&self.inner.store, agent_id).await? else { return Ok(None) };
-        let rec = Arc::new(rec);
-        self.inner.agents.insert(ticket, agent_id.to_string(), rec.clone());
-        Ok(Some(rec))
+        self.inner.agents.get_or_load(agent_id, || async { Ok(agents::get(&self.inner.store, agent_id).await?.map(Arc::new)) }).await
     }
 
     /// Create or update an agent (operator, `apply`). Returns whether anything changed.

@@ -74,14 +74,7 @@ impl Vault {
     /// setting changed in any process of this vault, else from the database. A missing key is
     /// read every time (never cached).
     pub(super) async fn credential_shared(&self, key: &str) -> Result<Option<Arc<CredentialRecord>>, StoreError> {
-        let ticket = match self.inner.creds_by_key.get(key) {
-            Lookup::Hit(c) => return Ok(Some(c)),
-            Lookup::Miss(t) => t,
-        };
-        let Some(rec) = credentials::get(&self.inner.store, key).await? else { return Ok(None) };
-        let rec = Arc::new(rec);
-        self.inner.creds_by_key.insert(ticket, key.to_string(), rec.clone());
-        Ok(Some(rec))
+        self.inner.creds_by_key.get_or_load(key, || async { Ok(credentials::get(&self.inner.store, key).await?.map(Arc::new)) }).await
     }
 
     /// Every credential offering `service`, by key, cached like [`Vault::credential_shared`]

@@ -63,14 +63,11 @@ impl Vault {
     /// A lease's facts, from memory or (a lease granted by another process, or long ago) the
     /// database. Unknown ids are not cached.
     async fn lease_facts(&self, lease_id: &str) -> Result<Option<Arc<LeaseFacts>>, LeaseError> {
-        let ticket = match self.inner.lease_facts.get(lease_id) {
-            Lookup::Hit(f) => return Ok(Some(f)),
-            Lookup::Miss(t) => t,
-        };
-        let Some(l) = leases::get(&self.inner.store, lease_id).await? else { return Ok(None) };
-        let facts = Arc::new(LeaseFacts::of(&l));
-        self.inner.lease_facts.insert(ticket, lease_id.to_string(), facts.clone());
-        Ok(Some(facts))
+        let store = &self.inner.store;
+        self.inner
+            .lease_facts
+            .get_or_load(lease_id, || async { Ok(leases::get(store, lease_id).await?.map(|l| Arc::new(LeaseFacts::of(&l)))) })
+            .await
     }
 
     /// The credential behind a lease as policy sees it (a stand-in when it was deleted).
