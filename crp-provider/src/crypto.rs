@@ -67,11 +67,9 @@ pub fn random_hex_id(prefix: &str, bytes: usize) -> Result<String, CryptoError> 
 /// its right edge (a few pages per commit) instead of on a random page each. The time is no
 /// secret (leases carry their `issuedAt`); uniqueness rests on the random part.
 pub fn time_ordered_hex_id(prefix: &str, now_ms: i64, random: usize) -> Result<String, CryptoError> {
-    let mut b = vec![0u8; random];
-    random_bytes(&mut b)?;
     // 48 bits of milliseconds last until the year 10889.
     let t = (now_ms.max(0) as u64) & 0xffff_ffff_ffff;
-    Ok(format!("{prefix}{t:012x}{}", hex::encode(b)))
+    random_hex_id(&format!("{prefix}{t:012x}"), random)
 }
 
 /// `prefix` followed by `bytes` random bytes in base64url (tokens: 32 bytes = 256 bits).
