@@ -195,6 +195,38 @@ async fn stored_entries_are_exact_on_postgres() {
     db.drop_database().await;
 }
 
+/// More appends queued at once than one batch holds (the writer takes at most 256, and SQLite
+/// binds each batch into the statement of the next power-of-two size up, padded with NULL
+/// rows): every entry is stored once, with its own sequence number, and the chain and its head
+/// verify, also after the writer restarts and reads the head back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_longer_than_a_batch_commits_exactly_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
+    store.migrate().await.unwrap();
+    let key = Key32::generate().unwrap();
+    let (w, task) = AuditLog::start(store.clone(), key.clone());
+    let tasks: Vec<_> = (0..600)
+        .map(|i| {
+            let w = w.clone();
+            tokio::spawn(async move { w.append(AuditRecord::new("credential.used", &format!("q-{i}"), "allow")).await.unwrap() })
+        })
+        .collect();
+    let mut seqs = futures_join(tasks).await;
+    seqs.sort();
+    assert_eq!(seqs, (1..=600).collect::<Vec<i64>>());
+    assert_eq!(count(&store, "SELECT COUNT(DISTINCT requester) FROM audit").await, 600);
+    drop(w);
+    let _ = task.await;
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == 600, "{r:?}");
+    let (w, _task) = AuditLog::start(store.clone(), key.clone());
+    assert_eq!(w.append(AuditRecord::new("credential.used", "after", "allow")).await.unwrap(), 601);
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == 601, "{r:?}");
+    store.close().await;
+}
+
 /// An entry whose text PostgreSQL cannot store fails its own caller only (fail-closed), and the
 /// writer carries on with an exact chain.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
