@@ -56,7 +56,7 @@ fi
 export PATH="$PATH:/usr/sbin"
 
 # --- binaries --------------------------------------------------------------------------------
-BUILD=(-p crp-provider -p mcp-adapter -p crp-conformance --bins --example crp_bench --example bench_upstream --locked)
+BUILD=(-p crp-provider -p mcp-adapter -p crp-conformance --bins --example crp_bench --example bench_upstream --example bench_floor_proxy --locked)
 if [ "$MODE" = quick ]; then
   PROFILE=debug
   echo "== cargo build (debug: the binaries cargo test already built)" >&2
@@ -69,6 +69,7 @@ fi
 BIN="$ROOT/target/$PROFILE"
 DRV="$BIN/examples/crp_bench"
 UPSTREAM="$BIN/examples/bench_upstream"
+FLOOR="$BIN/examples/bench_floor_proxy"
 # The server under test is `crp-provider serve`; the driver's own `serve` (the same library
 # entry point, crp_provider::http::run) stands in only when the binary has no serve command.
 SERVER="$BIN/crp-provider"
@@ -128,7 +129,7 @@ run_part() { # name, command...
   fi
 }
 
-want proxy && run_part proxy "$DRV" proxy --work "$WORK/proxy" --upstream-bin "$UPSTREAM" --server-bin "$SERVER" "${PROXY[@]}"
+want proxy && run_part proxy "$DRV" proxy --work "$WORK/proxy" --upstream-bin "$UPSTREAM" --floor-bin "$FLOOR" --server-bin "$SERVER" "${PROXY[@]}"
 want leases && run_part leases "$DRV" leases --work "$WORK/leases" --server-bin "$SERVER" "${LEASES[@]}"
 want scale && run_part scale "$DRV" scale --work "$WORK/scale" "${SCALE[@]}"
 

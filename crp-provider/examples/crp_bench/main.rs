@@ -1,7 +1,7 @@
 //! The benchmark driver behind `scripts/bench.sh` (see the README's "Performance" section).
 //!
 //! ```text
-//! crp_bench proxy  --upstream-bin B --server-bin S [--duration 10] [--conns 1,16,64] [--nginx-workers 1,auto]
+//! crp_bench proxy  --upstream-bin B --server-bin S [--floor-bin F] [--duration 10] [--conns 1,16,64] [--nginx-workers 1,auto]
 //! crp_bench leases --server-bin S [--duration 5] [--clients 1,64]
 //! crp_bench scale  [--sizes 10000,100000,1000000] [--iters 200] [--tree 100000]
 //! crp_bench mcp-home --home H [--credentials 10000]   # a keyfile vault for the crp-mcp timings
@@ -48,6 +48,10 @@ enum Cmd {
         /// The server binary, run as `BIN serve --home H --listen 127.0.0.1:0`.
         #[arg(long)]
         server_bin: PathBuf,
+        /// The bench_floor_proxy binary: a bare hyper proxy measured beside ours (the floor of
+        /// our HTTP stack); left out when not given.
+        #[arg(long)]
+        floor_bin: Option<PathBuf>,
         /// Seconds per wrk run.
         #[arg(long, default_value_t = 10.0)]
         duration: f64,
@@ -120,11 +124,12 @@ fn main() -> ExitCode {
     };
     let res: anyhow::Result<bool> = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Proxy { work, upstream_bin, server_bin, duration, warmup, conns, wrk_threads, nginx_workers, reps } => {
+            Cmd::Proxy { work, upstream_bin, server_bin, floor_bin, duration, warmup, conns, wrk_threads, nginx_workers, reps } => {
                 proxy::ensure_tools()?;
                 proxy::run(proxy::ProxyArgs {
                     work,
                     upstream_bin,
+                    floor_bin,
                     server: common::ServerCmd { bin: server_bin },
                     duration,
                     warmup,

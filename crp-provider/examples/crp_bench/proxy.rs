@@ -1,7 +1,8 @@
 //! Proxy overhead: one upstream reached (a) directly, (b) through `crp-provider serve` (lease
 //! check against the database, session token, header injection, durable audit of every
 //! request; once with the default `fsync` audit durability, once with `os`), (c) through nginx `proxy_pass` + `proxy_set_header Authorization` (upstream
-//! keepalive), with wrk at several connection counts. Reports throughput, p50/p99, CPU µs per
+//! keepalive), and (d) when given, through a bare hyper proxy (`bench_floor_proxy`: the floor
+//! of our HTTP stack), with wrk at several connection counts. Reports throughput, p50/p99, CPU µs per
 //! request of the proxy process (utime+stime from /proc over the run / completed requests) and
 //! the ratios ours/direct and ours/nginx.
 
@@ -18,6 +19,7 @@ use crate::common::*;
 pub struct ProxyArgs {
     pub work: PathBuf,
     pub upstream_bin: PathBuf,
+    pub floor_bin: Option<PathBuf>,
     pub server: ServerCmd,
     pub duration: f64,
     pub warmup: f64,
@@ -159,7 +161,23 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
         }
     }
 
-    // (4) nginx, once per worker setting
+    // (4) the bare hyper proxy, if given
+    let floor = match &a.floor_bin {
+        Some(bin) => {
+            let mut cmd = Command::new(bin);
+            cmd.arg("--upstream").arg(&up_url).arg("--token").arg(&secret).arg("--exit-on-eof");
+            let p = spawn_with_url("bench floor proxy", cmd, "listening on", Duration::from_secs(20))?;
+            let url = format!("{}/v1/items?limit=10", p.url.trim_end_matches('/'));
+            let (s, body) = get(&c, &url, &[]).await?;
+            if s != 200 || body.len() != 60 {
+                bail!("floor proxy check: HTTP {s}, {} bytes", body.len());
+            }
+            Some((p, url))
+        }
+        None => None,
+    };
+
+    // (5) nginx, once per worker setting
     let mut nginxes = Vec::new();
     for w in &a.nginx_workers {
         let ng = start_nginx(&a.work.join(format!("nginx-{w}")), w, &up_url, &secret)?;
@@ -186,6 +204,10 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
             pids: vec![server_os.pid()],
         },
     ];
+    if let Some((p, url)) = &floor {
+        targets.push(Target { name: "hyper floor".into(), url: url.clone(), headers: vec![], pids: vec![p.pid()] });
+    }
+    let first_nginx = targets.len();
     for (ng, url) in &nginxes {
         targets.push(Target {
             name: format!("nginx ({} worker{})", ng.workers, if ng.workers == "1" { "" } else { "s" }),
@@ -195,7 +217,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
         });
     }
 
-    // (5) measure: reps × conns × targets, interleaved so drift hits every target alike.
+    // (6) measure: reps × conns × targets, interleaved so drift hits every target alike.
     let tick = us_per_tick();
     let up_pid = upstream.pid();
     let mut runs: BTreeMap<(u32, usize), Vec<Run>> = BTreeMap::new();
@@ -235,11 +257,12 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
         }
     }
     drop(nginxes);
+    drop(floor);
     drop(server);
     drop(server_os);
     drop(upstream);
 
-    // (6) report: the median run (by throughput) of each cell.
+    // (7) report: the median run (by throughput) of each cell.
     let median = |v: &Vec<Run>| -> Run {
         let mut v = v.clone();
         v.sort_by(|x, y| x.wrk.rps.total_cmp(&y.wrk.rps));
@@ -272,14 +295,15 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
     }
     println!();
     let direct = 0usize;
-    let first_nginx = 3usize;
+    // Ours compared with each reference: the floor (if measured), then each nginx.
+    let first_ref = 3usize;
     print!("| target | conns | ours/direct req/s | added p50 vs direct |");
-    for t in &targets[first_nginx..] {
+    for t in &targets[first_ref..] {
         print!(" ours/{} req/s | added p50 ({}) | ours/{} CPU |", t.name, t.name, t.name);
     }
     println!();
     print!("|---|---:|---:|---:|");
-    for _ in &targets[first_nginx..] {
+    for _ in &targets[first_ref..] {
         print!("---:|---:|---:|");
     }
     println!();
@@ -296,7 +320,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
                 p50_added_c1 = Some(added);
             }
             print!("| {} | {} | {:.2} | {} |", targets[ours].name, conns, o.wrk.rps / d.wrk.rps, us(added));
-            for ti in first_nginx..targets.len() {
+            for ti in first_ref..targets.len() {
                 let n = median(&runs[&(conns, ti)]);
                 print!(" {:.2} | {} | {:.2} |", o.wrk.rps / n.wrk.rps, us(n.wrk.p50_us - d.wrk.p50_us), o.cpu_us_per_req / n.cpu_us_per_req);
                 if conns == 64 && ti == first_nginx {
@@ -320,6 +344,15 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
                 human(n)
             );
         }
+    }
+    if first_nginx > first_ref && first_nginx < targets.len() && a.conns.contains(&64) {
+        let (f, n) = (median(&runs[&(64, first_ref)]), median(&runs[&(64, first_nginx)]));
+        println!(
+            "- the hyper floor (a bare proxy on our HTTP stack) at 64 connections: {} req/s, {:.2}× nginx (1 worker), {:.1} µs CPU per request",
+            human(f.wrk.rps),
+            f.wrk.rps / n.wrk.rps,
+            f.cpu_us_per_req
+        );
     }
     if !ok {
         println!("- **ERROR**: non-2xx responses were seen (injection or audit failed); see the table");
