@@ -25,6 +25,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 
+mod bench_support;
+
 #[derive(Parser, Debug)]
 #[command(about = "Benchmark floor: a bare hyper proxy that sets Authorization and forwards to one upstream")]
 struct Args {
@@ -51,28 +53,12 @@ async fn main() -> anyhow::Result<()> {
     let authority = upstream.authority().cloned().ok_or_else(|| anyhow::anyhow!("--upstream needs a host"))?;
     let bearer = hyper::header::HeaderValue::from_str(&format!("Bearer {}", args.token))?;
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    println!("bench-floor-proxy listening on http://{}", listener.local_addr()?);
-    use std::io::Write as _;
-    std::io::stdout().flush()?;
-    if args.exit_on_eof {
-        tokio::spawn(async {
-            let mut sink = Vec::new();
-            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
-            std::process::exit(0);
-        });
-    }
+    bench_support::announce("bench-floor-proxy", &listener, args.exit_on_eof)?;
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     let client: Client<HttpConnector, Incoming> = Client::builder(TokioExecutor::new()).pool_max_idle_per_host(1024).build(connector);
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("bench-floor-proxy: accept failed: {e}");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = bench_support::accept("bench-floor-proxy", &listener).await;
         let (client, authority, bearer) = (client.clone(), authority.clone(), bearer.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {

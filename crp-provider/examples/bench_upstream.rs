@@ -22,6 +22,8 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 
+mod bench_support;
+
 /// 60 bytes.
 const OK_BODY: &[u8] = br#"{"ok":true,"service":"bench-upstream","data":"0123456789ab"}"#;
 const DENIED_BODY: &[u8] = br#"{"error":"unauthorized"}"#;
@@ -55,27 +57,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn serve(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    let addr = listener.local_addr()?;
-    println!("bench-upstream listening on http://{addr}");
-    use std::io::Write as _;
-    std::io::stdout().flush()?;
+    bench_support::announce("bench-upstream", &listener, args.exit_on_eof)?;
     let expected: Arc<[u8]> = format!("Bearer {}", args.token).into_bytes().into();
-    if args.exit_on_eof {
-        tokio::spawn(async {
-            let mut sink = Vec::new();
-            let _ = tokio::io::AsyncReadExt::read_to_end(&mut tokio::io::stdin(), &mut sink).await;
-            std::process::exit(0);
-        });
-    }
     loop {
-        let (stream, _) = match listener.accept().await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("bench-upstream: accept failed: {e}");
-                continue;
-            }
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = bench_support::accept("bench-upstream", &listener).await;
         let expected = expected.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
