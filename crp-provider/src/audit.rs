@@ -511,16 +511,18 @@ fn sqlite_inserts() -> &'static [SqliteInsert] {
     })
 }
 
-/// The insert of `entries` (at most [`MAX_BATCH`]) with the new head, bound and ready to run:
-/// [`sqlite_inserts`]' text for the next size up, `one_shot` choosing the text that opens the
-/// transaction too.
+/// The insert of `entries` with the new head, bound and ready to run: [`sqlite_inserts`]' text
+/// for the next size up, `one_shot` choosing the text that opens the transaction too. More than
+/// [`MAX_BATCH`] entries (which the writer never takes at once) is an error, not a truncation:
+/// surplus arguments would be ignored, and the head would name entries never written.
 fn bind_sqlite_rows<'q>(
     entries: &'q [Entry<'q>],
     head: &Head,
     one_shot: bool,
-) -> sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    let texts = sqlite_inserts();
-    let text = texts.iter().find(|t| t.rows >= entries.len()).unwrap_or(&texts[texts.len() - 1]);
+) -> Result<sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>, BatchFail> {
+    let Some(text) = sqlite_inserts().iter().find(|t| t.rows >= entries.len()) else {
+        return Err(BatchFail { msg: format!("audit batch of {} entries exceeds {MAX_BATCH}", entries.len()), culprit: None, stale_head: false, broken: false });
+    };
     let sql = if one_shot { text.one_shot.as_str() } else { text.after_begin.as_str() };
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
     for e in entries {
@@ -545,7 +547,7 @@ fn bind_sqlite_rows<'q>(
             q = q.bind(None::<i64>);
         }
     }
-    q.bind(head_bytes(head.seq, &head.mac))
+    Ok(q.bind(head_bytes(head.seq, &head.mac)))
 }
 
 const SQLITE_BEGIN_HEAD: &str = "BEGIN IMMEDIATE; SELECT seq, mac FROM audit ORDER BY seq DESC LIMIT 1";
@@ -574,7 +576,7 @@ async fn batch_sqlite(
     {
         let ops: OpResults = batch.iter().map(|_| Ok(None)).collect();
         let (entries, out, new_head) = chain(key, h, batch, ops, scratch);
-        bind_sqlite_rows(&entries, &new_head, true)
+        bind_sqlite_rows(&entries, &new_head, true)?
             .execute(&mut *c)
             .await
             .map_err(|e| insert_fail(e, true))?;
@@ -592,7 +594,7 @@ async fn batch_sqlite(
     if entries.is_empty() {
         sqlx::query("COMMIT").execute(&mut *c).await?;
     } else {
-        bind_sqlite_rows(&entries, &new_head, false)
+        bind_sqlite_rows(&entries, &new_head, false)?
             .execute(&mut *c)
             .await
             .map_err(|e| insert_fail(e, head.is_some()))?;
@@ -1064,4 +1066,28 @@ pub async fn query(store: &Store, q: &AuditQueryParams) -> Result<Vec<AuditEvent
 /// Number of entries.
 pub async fn count(store: &Store) -> Result<i64, AuditError> {
     Ok(with_pool!(store, |p| sqlx::query_scalar("SELECT COUNT(*) FROM audit").fetch_one(p).await?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One text per power-of-two size up to the batch cap, each with exactly one anonymous
+    /// parameter per column of each row plus the head, and no numbered parameter (see
+    /// [`sqlite_inserts`] for why).
+    #[test]
+    fn sqlite_insert_texts_cover_every_batch_size() {
+        let texts = sqlite_inserts();
+        let sizes: Vec<usize> = texts.iter().map(|t| t.rows).collect();
+        assert_eq!(sizes, vec![1, 2, 4, 8, 16, 32, 64, 128, 256]);
+        assert_eq!(*sizes.last().unwrap_or(&0), MAX_BATCH);
+        for t in texts {
+            for sql in [&t.one_shot, &t.after_begin] {
+                assert_eq!(sql.matches('?').count(), AUDIT_COLUMN_COUNT * t.rows + 1, "{} rows", t.rows);
+                assert!(!sql.contains('$'), "{} rows", t.rows);
+            }
+            assert!(t.one_shot.starts_with("BEGIN IMMEDIATE; ") && t.one_shot.ends_with(&t.after_begin));
+        }
+        assert_eq!(AUDIT_COLUMNS.split(", ").count(), AUDIT_COLUMN_COUNT);
+    }
 }
