@@ -593,10 +593,7 @@ impl Ctx {
             .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
             .collect();
         let body = resp.text().await.unwrap_or_default();
-        let arrival = self.shared.echo.by_probe(&probe).or_else(|| {
-            // A proxy may drop unknown headers: fall back to what arrived meanwhile.
-            self.shared.echo.arrivals_since(before).into_iter().last()
-        });
+        let arrival = self.shared.echo.arrival_for(&probe, before, &req.path);
         for t in self.shared.echo.minted_tokens() {
             self.shared.leaks.add("minted-token", &t);
         }

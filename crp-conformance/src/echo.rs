@@ -130,6 +130,18 @@ impl EchoState {
         self.arrivals.lock().ok()?.iter().find(|a| a.probe() == Some(id)).cloned()
     }
 
+    /// The arrival caused by the proxied request that carried probe `id` for `path` (what
+    /// follows `proxyBaseUrl`), sent once `since` arrivals had been seen. A proxy may drop the
+    /// probe header (ours drops every `x-crp-*` header), so without it the request is matched by
+    /// the newest arrival since then that carries no probe and whose path ends with `path`.
+    /// Cases run concurrently against this one upstream, so "whatever arrived meanwhile" can be
+    /// another case's request; each case sends its own path.
+    pub fn arrival_for(&self, id: &str, since: usize, path: &str) -> Option<Arrival> {
+        self.by_probe(id).or_else(|| {
+            self.arrivals_since(since).into_iter().filter(|a| a.probe().is_none() && a.path.ends_with(path)).next_back()
+        })
+    }
+
     /// Every access token minted so far.
     pub fn minted_tokens(&self) -> Vec<String> {
         self.tokens
@@ -343,5 +355,27 @@ mod tests {
         assert_eq!(percent_decode("a%3Ab+c"), "a:b c");
         assert_eq!(percent_decode("50%"), "50%");
         assert_eq!(percent_decode("%4"), "%4");
+    }
+
+    fn arrival(seq: usize, path: &str, probe: Option<&str>) -> Arrival {
+        let headers = probe.map(|p| vec![(PROBE_HEADER.to_string(), p.to_string())]).unwrap_or_default();
+        Arrival { seq, method: "GET".into(), path: path.into(), query: None, headers, body: Vec::new() }
+    }
+
+    /// A request whose probe header was dropped is matched by its own path only: a concurrent
+    /// case's arrival (another path, or another case's probe) is never taken for it.
+    #[test]
+    fn arrivals_are_attributed_by_probe_then_by_path() {
+        let echo = EchoState::default();
+        if let Ok(mut a) = echo.arrivals.lock() {
+            a.push(arrival(0, "/svc/primary/before", None));
+            a.push(arrival(1, "/svc/primary/audited", Some("p-other")));
+            a.push(arrival(2, "/svc/primary/audited", None));
+            a.push(arrival(3, "/svc/primary/mine", Some("p-mine")));
+        }
+        assert_eq!(echo.arrival_for("p-mine", 1, "/ignored").map(|a| a.seq), Some(3));
+        assert_eq!(echo.arrival_for("p-gone", 1, "/after-expiry").map(|a| a.seq), None);
+        assert_eq!(echo.arrival_for("p-gone", 1, "/audited").map(|a| a.seq), Some(2));
+        assert_eq!(echo.arrival_for("p-gone", 1, "/before").map(|a| a.seq), None, "arrived before the request was sent");
     }
 }
