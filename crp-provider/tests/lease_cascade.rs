@@ -5,28 +5,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crp_provider::leases::{self, Caps, LeaseConn, LeaseOp, LeaseRecord, LeaseState, NewLease};
+use crp_provider::leases::{self, LeaseConn, LeaseOp, LeaseRecord, LeaseState};
+use lease_support::new_lease;
 use crp_provider::store::{MIGRATIONS, Store};
 
+mod lease_support;
 mod pg_support;
 
 const NOW: i64 = 1_800_000_000_000;
 const CAP: u32 = 32;
-
-fn new_lease(id: &str) -> NewLease {
-    NewLease {
-        id: id.to_string(),
-        token_hash: format!("{:0>64}", id.len()),
-        credential_key: "gh/main".into(),
-        service: "github.com/api".into(),
-        agent: "agent_test".into(),
-        scopes: vec!["read".into()],
-        ttl: 600,
-        caps: Caps { provider_max_ttl: 3600, credential_max_ttl: None, max_lease_lifetime: 86_400 },
-        purpose: None,
-        consumer: None,
-    }
-}
 
 fn root(id: &str) -> LeaseOp {
     LeaseOp::InsertRoot(leases::root_record(&new_lease(id), CAP, NOW))
