@@ -493,17 +493,17 @@ fn sqlite_inserts() -> &'static [SqliteInsert] {
         while sizes[sizes.len() - 1] < MAX_BATCH {
             sizes.push(sizes[sizes.len() - 1] * 2);
         }
+        let row = format!("({})", vec!["?"; AUDIT_COLUMN_COUNT].join(", "));
+        let columns: Vec<String> = (1..=AUDIT_COLUMN_COUNT).map(|c| format!("column{c}")).collect();
+        let columns = columns.join(", ");
         sizes
             .into_iter()
             .map(|rows| {
-                let row = format!("({})", vec!["?"; AUDIT_COLUMN_COUNT].join(", "));
                 let values = vec![row.as_str(); rows].join(", ");
-                let columns: Vec<String> = (1..=AUDIT_COLUMN_COUNT).map(|c| format!("column{c}")).collect();
                 let after_begin = format!(
-                    "INSERT INTO audit ({AUDIT_COLUMNS}) SELECT {} FROM (VALUES {values}) WHERE column1 IS NOT NULL; \
+                    "INSERT INTO audit ({AUDIT_COLUMNS}) SELECT {columns} FROM (VALUES {values}) WHERE column1 IS NOT NULL; \
                      INSERT INTO meta (name, value) VALUES ('audit_head', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value; \
-                     COMMIT",
-                    columns.join(", ")
+                     COMMIT"
                 );
                 SqliteInsert { rows, one_shot: format!("BEGIN IMMEDIATE; {after_begin}"), after_begin }
             })
