@@ -204,6 +204,9 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
             pids: vec![server_os.pid()],
         },
     ];
+    // Ours are targets 1..first_ref; the references (the floor if measured, then each nginx)
+    // follow.
+    let first_ref = targets.len();
     if let Some((p, url)) = &floor {
         targets.push(Target { name: "hyper floor".into(), url: url.clone(), headers: vec![], pids: vec![p.pid()] });
     }
@@ -295,8 +298,6 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
     }
     println!();
     let direct = 0usize;
-    // Ours compared with each reference: the floor (if measured), then each nginx.
-    let first_ref = 3usize;
     print!("| target | conns | ours/direct req/s | added p50 vs direct |");
     for t in &targets[first_ref..] {
         print!(" ours/{} req/s | added p50 ({}) | ours/{} CPU |", t.name, t.name, t.name);
@@ -309,7 +310,7 @@ pub async fn run(a: ProxyArgs) -> anyhow::Result<bool> {
     println!();
     // Per provider variant: (added p50 at 1 connection, (ours, nginx 1 worker) req/s at 64).
     let mut verdicts: Vec<(String, Option<f64>, Option<(f64, f64)>)> = Vec::new();
-    for ours in [1usize, 2] {
+    for ours in direct + 1..first_ref {
         let mut p50_added_c1 = None;
         let mut rps_64 = None;
         for &conns in &a.conns {
