@@ -6,7 +6,7 @@
 #   scripts/bench.sh --quick         smoke mode (debug binaries, tiny sizes, a few seconds of
 #                                    load): exercises every part; fails only on errors, never on
 #                                    a figure. scripts/test.sh runs it after `cargo test`.
-#   scripts/bench.sh --only proxy,leases,scale,mcp,conformance   a subset
+#   scripts/bench.sh --only proxy,leases,audit,scale,mcp,conformance   a subset
 #
 # Parts:
 #   proxy        wrk at 1/16/64 connections: the upstream directly, through `crp-provider serve`
@@ -14,6 +14,8 @@
 #                nginx proxy_pass + proxy_set_header Authorization (1 worker and auto, upstream
 #                keepalive); req/s, p50/p99, CPU µs/req of the proxy process, ratios
 #   leases       crp/use + release over HTTP (Ed25519-signed) at 1 and 64 clients, and in process
+#   audit        the audit writer alone, in process: appends/s and CPU per entry at 1, 8 and 64
+#                concurrent appenders, with fsync and with os durability
 #   scale        use/renew/delegate/release/revoke latency with 10^4..10^6 credentials and
 #                active leases; cascade revoke of a ~10^5-lease delegation tree
 #   mcp          hyperfine: crp-mcp cold start to an answered tools/list (keyfile vault), and
@@ -29,7 +31,7 @@ ROOT=$(pwd)
 export CARGO_TERM_COLOR=never
 
 MODE=full
-ONLY=proxy,leases,scale,mcp,conformance
+ONLY=proxy,leases,audit,scale,mcp,conformance
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) MODE=quick ;;
@@ -91,6 +93,7 @@ if [ "$MODE" = quick ]; then
   OUT="${BENCH_OUT:-$WORK/results.md}"
   PROXY=(--duration 1 --warmup 0 --conns 1,4 --nginx-workers 1 --reps 1)
   LEASES=(--duration 1 --clients 1,4)
+  AUDIT=(--duration 0.5 --concurrency 1,8)
   SCALE=(--sizes 1000,3000 --iters 5 --tree 1000)
   MCP_CREDS=200; HF=(--runs 2 --warmup 0)
 else
@@ -98,6 +101,7 @@ else
   OUT="${BENCH_OUT:-target/bench/results-$(date -u +%Y%m%dT%H%M%SZ).md}"
   PROXY=(--duration "${BENCH_PROXY_SECONDS:-10}" --warmup 2 --conns 1,16,64 --nginx-workers 1,auto --reps "${BENCH_PROXY_REPS:-2}")
   LEASES=(--duration "${BENCH_LEASE_SECONDS:-10}" --clients 1,64)
+  AUDIT=(--duration 4 --concurrency 1,8,64)
   SCALE=(--sizes "${BENCH_SCALE_SIZES:-10000,100000,1000000}" --iters 200 --tree 100000)
   MCP_CREDS=10000; HF=(--runs 20 --warmup 3)
 fi
@@ -131,6 +135,10 @@ run_part() { # name, command...
 
 want proxy && run_part proxy "$DRV" proxy --work "$WORK/proxy" --upstream-bin "$UPSTREAM" --floor-bin "$FLOOR" --server-bin "$SERVER" "${PROXY[@]}"
 want leases && run_part leases "$DRV" leases --work "$WORK/leases" --server-bin "$SERVER" "${LEASES[@]}"
+if want audit; then
+  run_part audit-fsync "$DRV" audit --work "$WORK/audit" --durability fsync "${AUDIT[@]}"
+  run_part audit-os "$DRV" audit --work "$WORK/audit" --durability os "${AUDIT[@]}"
+fi
 want scale && run_part scale "$DRV" scale --work "$WORK/scale" "${SCALE[@]}"
 
 # hyperfine JSON → "mean ± sd (min … max)" in ms

@@ -6,7 +6,7 @@
 //!   The head (last seq and MAC) is also kept in `meta.audit_head`, which catches a truncated
 //!   tail. The audit key is random, held sealed by the data key in `meta.audit_key`; without the
 //!   vault's passphrase or keyfile nobody can forge an entry.
-//! - **Group commit.** Callers hand entries to one writer task over a channel and wait for the
+//! - **Group commit.** Callers hand entries to one writer over a channel and wait for the
 //!   acknowledgement; the writer takes everything queued (up to 256, `MAX_BATCH`), writes it in one
 //!   transaction (`BEGIN IMMEDIATE` on SQLite, an advisory lock on PostgreSQL, so several
 //!   processes keep one chain), commits (durably: see below), then acknowledges them all.
@@ -18,9 +18,14 @@
 //!   After any failure the head is forgotten and read again. The entries and the head go in one
 //!   statement whose text stays prepared (SQLite: bound rows in a `VALUES` list, one text per
 //!   power-of-two batch size, padded with NULL rows; PostgreSQL: one array per column through
-//!   `UNNEST`, one text for every size). On SQLite, a batch without lease mutations is one call
-//!   into the connection's worker thread: `BEGIN IMMEDIATE`, insert, head, `COMMIT` in one
-//!   multi-statement text.
+//!   `UNNEST`, one text for every size).
+//! - **No hand-offs for plain appends on SQLite.** On a SQLite file the writer runs on a thread
+//!   of its own, and a batch without lease mutations (the proxy's stream of `credential.used`)
+//!   is written there on the writer's own rusqlite connection ([`direct`]) instead of through
+//!   sqlx, whose connection lives on another thread: a busy writer goes from batch to batch
+//!   without waking anyone. Batches with lease mutations go through sqlx (`BEGIN IMMEDIATE`,
+//!   the mutations, then insert, head and `COMMIT` in one multi-statement text), so the lease
+//!   SQL exists once.
 //! - **Durability** (`[audit] durability` in `config.toml`, [`Durability`]). `fsync` (the
 //!   default): the commit is on stable storage before anyone is answered (SQLite
 //!   `synchronous=FULL`, one fsync per group commit). `os`: committed without waiting for the
@@ -51,6 +56,8 @@ use crate::leases::{LeaseConn, LeaseError, LeaseOp, LeaseOutcome, LeaseRecord};
 use crate::config::Durability;
 use crate::epoch::{Domain, Epochs};
 use crate::store::{Store, StoreError, now_ms, parse_rfc3339, rfc3339, with_pool};
+
+mod direct;
 
 /// Event names (v0.1 §10.1 and this implementation's additions).
 pub mod events {
@@ -248,6 +255,8 @@ struct Stats {
     entries: std::sync::atomic::AtomicU64,
     /// Batches redone because another process had appended since this writer's last commit.
     redone: std::sync::atomic::AtomicU64,
+    /// Batches committed on the writer's own SQLite connection ([`direct`]).
+    direct: std::sync::atomic::AtomicU64,
 }
 
 /// Canonical bytes of an entry (what the MAC covers), written into `out` (cleared first).
@@ -474,9 +483,15 @@ const AUDIT_COLUMN_COUNT: usize = 13;
 /// with or without the opening `BEGIN IMMEDIATE`.
 struct SqliteInsert {
     rows: usize,
+    /// The entries' `INSERT` alone (the writer's own connection runs the statements one by one).
+    insert: String,
     one_shot: String,
     after_begin: String,
 }
+
+/// SQLite: store the chain head (its one parameter).
+const SQLITE_HEAD_UPSERT: &str =
+    "INSERT INTO meta (name, value) VALUES ('audit_head', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value";
 
 /// The insert texts, one per power-of-two batch size up to [`MAX_BATCH`]. The rows are bound
 /// parameters in a `VALUES` list, then the head; a smaller batch uses the next size up and
@@ -500,12 +515,10 @@ fn sqlite_inserts() -> &'static [SqliteInsert] {
             .into_iter()
             .map(|rows| {
                 let values = vec![row.as_str(); rows].join(", ");
-                let after_begin = format!(
-                    "INSERT INTO audit ({AUDIT_COLUMNS}) SELECT {columns} FROM (VALUES {values}) WHERE column1 IS NOT NULL; \
-                     INSERT INTO meta (name, value) VALUES ('audit_head', ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value; \
-                     COMMIT"
-                );
-                SqliteInsert { rows, one_shot: format!("BEGIN IMMEDIATE; {after_begin}"), after_begin }
+                let insert =
+                    format!("INSERT INTO audit ({AUDIT_COLUMNS}) SELECT {columns} FROM (VALUES {values}) WHERE column1 IS NOT NULL");
+                let after_begin = format!("{insert}; {SQLITE_HEAD_UPSERT}; COMMIT");
+                SqliteInsert { rows, one_shot: format!("BEGIN IMMEDIATE; {after_begin}"), insert, after_begin }
             })
             .collect()
     })
@@ -700,6 +713,12 @@ struct Writer {
     /// [`Domain::Leases`] once, before any caller hears the result (so a released lease's
     /// grant is gone from every process's cache when the release is acknowledged).
     epochs: Epochs,
+    /// The writer's own SQLite connection for batches without lease mutations ([`direct`]),
+    /// opened on first use on `direct_path`: the store's file; `None` on PostgreSQL and
+    /// in-memory SQLite, or after the connection could not be opened (the sqlx connection
+    /// then takes every batch).
+    direct: Option<direct::Direct>,
+    direct_path: Option<std::path::PathBuf>,
 }
 
 /// Whether any of `items` ends a lease (its commit must bump [`Domain::Leases`]).
@@ -731,6 +750,10 @@ impl Writer {
     async fn attempt(&mut self, batch: &[Req]) -> Result<Vec<ItemResult>, BatchFail> {
         if self.pool_closed() {
             self.conn = None;
+            self.direct = None;
+        }
+        if let Some(done) = self.attempt_direct(batch) {
+            return done;
         }
         if self.conn.is_none() {
             self.conn = Some(self.connect().await?);
@@ -752,6 +775,43 @@ impl Writer {
                 Err(f)
             }
         }
+    }
+
+    /// The batch on the writer's own connection ([`direct`]), when it can go there: no lease
+    /// mutation, a remembered head, a file-backed SQLite store. `None`: it goes to the sqlx
+    /// connection. A failure forgets the head (as on the sqlx path), so the next batch reads it.
+    fn attempt_direct(&mut self, batch: &[Req]) -> Option<Result<Vec<ItemResult>, BatchFail>> {
+        if self.head.is_none() || batch.iter().any(|r| r.op.is_some()) {
+            return None;
+        }
+        if self.direct.is_none() {
+            let path = self.direct_path.as_ref()?;
+            match direct::Direct::open(path, self.durability) {
+                Ok(d) => self.direct = Some(d),
+                Err(e) => {
+                    tracing::warn!(target: "crp_provider::audit", "audit writer keeps to the pooled connection: cannot open its own ({e})");
+                    self.direct_path = None;
+                    return None;
+                }
+            }
+        }
+        let head = self.head.take()?;
+        let ops: OpResults = batch.iter().map(|_| Ok(None)).collect();
+        let (entries, out, new_head) = chain(&self.key, &head, batch, ops, &mut self.scratch);
+        let d = self.direct.as_mut()?;
+        Some(match d.append(&entries, &new_head) {
+            Ok(()) => {
+                self.stats.direct.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.head = Some(new_head);
+                Ok(out)
+            }
+            Err(f) => {
+                if f.broken {
+                    self.direct = None;
+                }
+                Err(f)
+            }
+        })
     }
 
     /// After a failure: roll back whatever is open; drop the connection if it is broken or the
@@ -843,6 +903,7 @@ impl Writer {
                     n = rx.recv_many(&mut buf, MAX_BATCH) => n,
                     () = closed => {
                         self.conn = None;
+                        self.direct = None;
                         continue;
                     }
                 }
@@ -853,6 +914,39 @@ impl Writer {
                 break;
             }
             self.commit_and_ack(&mut buf).await;
+        }
+    }
+}
+
+/// Run the writer on a thread of its own, so that it can execute SQLite statements there
+/// ([`direct`]); its futures (the queue, the sqlx connection) run on that thread under the
+/// current runtime's handle. The returned task ends when the thread does. If no thread can be
+/// started, the writer runs as a task (every batch then goes through sqlx).
+fn spawn_on_thread(writer: Writer, rx: mpsc::Receiver<Req>) -> tokio::task::JoinHandle<()> {
+    let rt = tokio::runtime::Handle::current();
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some((writer, rx))));
+    let (exited, on_exit) = oneshot::channel::<()>();
+    let taken = slot.clone();
+    let spawned = std::thread::Builder::new().name("crp-audit-writer".into()).spawn(move || {
+        let parts = taken.lock().ok().and_then(|mut g| g.take());
+        if let Some((writer, rx)) = parts {
+            rt.block_on(writer.run(rx));
+        }
+        let _ = exited.send(());
+    });
+    match spawned {
+        Ok(_) => tokio::spawn(async move {
+            let _ = on_exit.await;
+        }),
+        Err(e) => {
+            tracing::warn!(target: "crp_provider::audit", "audit writer runs as a task: cannot start its thread ({e})");
+            match slot.lock().ok().and_then(|mut g| g.take()) {
+                Some((mut writer, rx)) => {
+                    writer.direct_path = None;
+                    tokio::spawn(writer.run(rx))
+                }
+                None => tokio::spawn(async {}),
+            }
         }
     }
 }
@@ -876,9 +970,21 @@ impl AuditLog {
     pub fn start_with(store: Store, key: Key32, durability: Durability, epochs: Epochs) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Req>(4096);
         let stats = std::sync::Arc::new(Stats::default());
-        let writer =
-            Writer { store, key, durability, stats: stats.clone(), conn: None, head: None, scratch: Vec::with_capacity(512), epochs };
-        let handle = tokio::spawn(writer.run(rx));
+        let direct_path = store.sqlite_path();
+        let on_thread = direct_path.is_some();
+        let writer = Writer {
+            store,
+            key,
+            durability,
+            stats: stats.clone(),
+            conn: None,
+            head: None,
+            scratch: Vec::with_capacity(512),
+            epochs,
+            direct: None,
+            direct_path,
+        };
+        let handle = if on_thread { spawn_on_thread(writer, rx) } else { tokio::spawn(writer.run(rx)) };
         (Self { tx, stats }, handle)
     }
 
@@ -886,6 +992,12 @@ impl AuditLog {
     /// since its previous commit.
     pub fn redone_batches(&self) -> u64 {
         self.stats.redone.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Batches this process's writer committed on its own SQLite connection, without a lease
+    /// mutation (see the module's notes); always 0 on PostgreSQL and in-memory SQLite.
+    pub fn direct_batches(&self) -> u64 {
+        self.stats.direct.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (transactions committed, entries written) by this process's writer since start.

@@ -85,8 +85,17 @@ async fn two_writers(a: Store, b: Store, key: Key32, durability_b: Durability) {
     let s1 = wa.append(AuditRecord::new("credential.used", "a-last", "allow")).await.unwrap();
     let s2 = wb.append(AuditRecord::new("credential.used", "b-last", "allow")).await.unwrap();
     assert_eq!((s1, s2), (221, 222));
+    // On a SQLite file, an append without a lease goes through the writer's own connection once
+    // the writer knows the head (above, each such append after the other writer's collided
+    // there first, and was redone): with the head fresh, it commits there.
+    let before = wa.direct_batches();
+    let s3 = wa.append(AuditRecord::new("credential.used", "a-again", "allow")).await.unwrap();
+    let s4 = wa.append(AuditRecord::new("credential.used", "a-again", "allow")).await.unwrap();
+    assert_eq!((s3, s4), (223, 224));
+    let on_file = a.sqlite_path().is_some();
+    assert_eq!(wa.direct_batches() > before, on_file, "{before} {}", wa.direct_batches());
     let r = audit::verify(&b, &key).await.unwrap();
-    assert!(r.ok && r.entries == 222, "{r:?}");
+    assert!(r.ok && r.entries == 224, "{r:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -252,6 +261,45 @@ async fn unstorable_entry_fails_alone_on_postgres() {
     assert!(r.ok && r.entries == 30, "{r:?}");
     store.close().await;
     db.drop_database().await;
+}
+
+/// On a SQLite file, batches without a lease mutation are written on the writer's own
+/// connection. An entry the database refuses there (a trigger stands in for a failing disk)
+/// fails its own caller only: the batch is rolled back and each item retried alone. The
+/// chain stays exact, and the writer carries on on its own connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_refused_on_the_writers_own_connection_fails_alone_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
+    store.migrate().await.unwrap();
+    let Store::Sqlite(pool) = &store else { unreachable!("sqlite store") };
+    sqlx::query("CREATE TRIGGER refuse_poison BEFORE INSERT ON audit WHEN NEW.requester = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        .execute(pool)
+        .await
+        .unwrap();
+    let key = Key32::generate().unwrap();
+    let (w, _t) = AuditLog::start(store.clone(), key.clone());
+    // The first batch reads the head (sqlx); from then on the writer knows it.
+    assert_eq!(w.append(AuditRecord::new("credential.used", "first", "allow")).await.unwrap(), 1);
+    let direct_before = w.direct_batches();
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let w = w.clone();
+        let who = if i == 13 { "poison".to_string() } else { format!("agent-{i}") };
+        tasks.push(tokio::spawn(async move { w.append(AuditRecord::new("credential.used", &who, "allow")).await }));
+    }
+    let results: Vec<_> = futures_join(tasks).await;
+    let refused = results[13].as_ref().expect_err("the refused entry fails its caller");
+    assert!(refused.to_string().contains("refused by the test"), "{refused}");
+    let mut ok: Vec<i64> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+    ok.sort();
+    assert_eq!(ok, (2..=30).collect::<Vec<i64>>());
+    assert_eq!(w.append(AuditRecord::new("credential.used", "after", "allow")).await.unwrap(), 31);
+    assert!(w.direct_batches() > direct_before, "the writer kept using its own connection");
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM audit WHERE requester = 'poison'").await, 0);
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == 31, "{r:?}");
+    store.close().await;
 }
 
 async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {

@@ -135,6 +135,18 @@ async fn exercise(v: &Vault) {
     v.shutdown().await;
 }
 
+/// Wait (bounded) until the audit queue holds `n` entries; the first check comes after the
+/// tasks spawned so far have run (current-thread runtime).
+async fn queue_reaches(log: &AuditLog, n: usize) {
+    for _ in 0..5000 {
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        if log.queue_depth() == n {
+            return;
+        }
+    }
+    panic!("the audit queue never held {n} entries (it holds {})", log.queue_depth());
+}
+
 async fn setup() -> (tempfile::TempDir, Store, crp_provider::crypto::Key32, AuditLog) {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
@@ -283,19 +295,33 @@ fn releases_in_one_batch_resolve_in_queue_order() {
             ("lease_r5", later),
             ("lease_r3", now),
         ];
-        // current_thread: every task queues before the writer runs, so they share one batch.
+        // The writer runs on its own thread. To make the releases share one batch, another
+        // connection holds the write lock while the writer is busy with a first entry, until
+        // every release is queued.
+        let Store::Sqlite(pool) = &store else { unreachable!("sqlite store") };
+        let mut lock = pool.acquire().await.unwrap();
+        sqlx::query("BEGIN IMMEDIATE").execute(&mut *lock).await.unwrap();
+        let (tx_before, _) = log.stats();
+        let blocker = {
+            let log = log.clone();
+            tokio::spawn(async move { log.append(AuditRecord::new("credential.used", "blocker", "allow")).await })
+        };
+        queue_reaches(&log, 0).await;
         let mut tasks = Vec::new();
         for (id, at) in ops {
             let log = log.clone();
             let op = LeaseOp::Release { id: id.into(), now: at };
             tasks.push(tokio::spawn(async move { log.append_with(AuditRecord::new("lease.released", "a", "allow").lease(id), op).await }));
         }
-        let (tx_before, _) = log.stats();
+        queue_reaches(&log, ops.len()).await;
+        sqlx::query("COMMIT").execute(&mut *lock).await.unwrap();
+        drop(lock);
+        blocker.await.unwrap().unwrap();
         let mut results = Vec::new();
         for t in tasks {
             results.push(t.await.unwrap());
         }
-        assert_eq!(log.stats().0 - tx_before, 1, "one transaction for the batch");
+        assert_eq!(log.stats().0 - tx_before, 2, "the first entry's transaction, then one for the releases");
         assert!(matches!(results[0], Ok((_, LeaseOutcome::Released(ref d))) if d.is_empty()), "{:?}", results[0]);
         assert!(matches!(results[1], Ok((_, LeaseOutcome::Released(ref d))) if d == &vec!["lease_r1_child".to_string()]), "{:?}", results[1]);
         assert!(matches!(results[2], Err(AppendError::Lease(LeaseError::Ended("released")))), "{:?}", results[2]);
@@ -306,8 +332,8 @@ fn releases_in_one_batch_resolve_in_queue_order() {
         assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE state = 'released'").await, 4);
         assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE id = 'lease_r1_child' AND state = 'revoked' AND end_reason = 'parent_released'").await, 1);
         assert_eq!(count(&store, "SELECT COUNT(*) FROM leases WHERE state = 'active'").await, 2);
-        assert_eq!(count(&store, "SELECT COUNT(*) FROM audit").await, 4);
+        assert_eq!(count(&store, "SELECT COUNT(*) FROM audit WHERE action = 'lease.released'").await, 4);
         let r = crp_provider::audit::verify(&store, &key).await.unwrap();
-        assert!(r.ok && r.entries == 4, "{r:?}");
+        assert!(r.ok && r.entries == 5, "{r:?}");
     });
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! crp_bench proxy  --upstream-bin B --server-bin S [--floor-bin F] [--duration 10] [--conns 1,16,64] [--nginx-workers 1,auto]
 //! crp_bench leases --server-bin S [--duration 5] [--clients 1,64]
+//! crp_bench audit  --work W [--durability fsync|os] [--duration 4] [--concurrency 1,8,64]
 //! crp_bench scale  [--sizes 10000,100000,1000000] [--iters 200] [--tree 100000]
 //! crp_bench mcp-home --home H [--credentials 10000]   # a keyfile vault for the crp-mcp timings
 //! crp_bench serve [the flags of `crp-provider serve`]  # crp_provider::http::run, the same entry point
@@ -11,6 +12,7 @@
 //! 1 only on an error (a failed setup, a non-2xx proxied response, a failed lease operation),
 //! never because a figure misses its target.
 
+mod audit;
 mod common;
 mod leases;
 mod proxy;
@@ -84,6 +86,20 @@ enum Cmd {
         #[arg(long, value_parser = list_u32, default_value = "1,64")]
         clients: ::std::vec::Vec<u32>,
     },
+    /// The audit writer alone, in process: appends/s and CPU per entry by concurrency.
+    Audit {
+        #[arg(long)]
+        work: PathBuf,
+        /// `fsync` or `os` (as `[audit] durability`).
+        #[arg(long, default_value = "os")]
+        durability: String,
+        /// Seconds per concurrency level.
+        #[arg(long, default_value_t = 4.0)]
+        duration: f64,
+        /// Concurrent appenders.
+        #[arg(long, value_parser = list_u32, default_value = "1,8,64")]
+        concurrency: ::std::vec::Vec<u32>,
+    },
     /// Scale: operation latency by store size, cascade revoke.
     Scale {
         #[arg(long)]
@@ -142,6 +158,14 @@ fn main() -> ExitCode {
             }
             Cmd::Leases { work, server_bin, duration, clients } => {
                 leases::run(leases::LeaseArgs { work, server: common::ServerCmd { bin: server_bin }, duration, clients }).await
+            }
+            Cmd::Audit { work, durability, duration, concurrency } => {
+                let durability = match durability.as_str() {
+                    "fsync" => crp_provider::config::Durability::Fsync,
+                    "os" => crp_provider::config::Durability::Os,
+                    other => anyhow::bail!("--durability must be fsync or os, not {other}"),
+                };
+                audit::run(audit::AuditArgs { work, durability, duration, concurrency }).await
             }
             Cmd::Scale { work, sizes, iters, tree } => scale::run(scale::ScaleArgs { work, sizes, iters, tree }).await,
             Cmd::McpHome { home, credentials } => {
