@@ -245,13 +245,7 @@ async fn unstorable_entry_fails_alone_on_postgres() {
     store.migrate().await.unwrap();
     let key = Key32::generate().unwrap();
     let (w, _t) = AuditLog::start(store.clone(), key.clone());
-    let mut tasks = Vec::new();
-    for i in 0..30 {
-        let w = w.clone();
-        let who = if i == 13 { "bad \0".to_string() } else { format!("agent-{i}") };
-        tasks.push(tokio::spawn(async move { w.append(AuditRecord::new("credential.used", &who, "allow")).await }));
-    }
-    let results: Vec<_> = futures_join(tasks).await;
+    let results = thirty_appends_at_once(&w, "bad \0").await;
     assert!(results[13].is_err());
     let mut ok: Vec<i64> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
     ok.sort();
@@ -282,13 +276,7 @@ async fn an_entry_refused_on_the_writers_own_connection_fails_alone_on_sqlite() 
     // The first batch reads the head (sqlx); from then on the writer knows it.
     assert_eq!(w.append(AuditRecord::new("credential.used", "first", "allow")).await.unwrap(), 1);
     let direct_before = w.direct_batches();
-    let mut tasks = Vec::new();
-    for i in 0..30 {
-        let w = w.clone();
-        let who = if i == 13 { "poison".to_string() } else { format!("agent-{i}") };
-        tasks.push(tokio::spawn(async move { w.append(AuditRecord::new("credential.used", &who, "allow")).await }));
-    }
-    let results: Vec<_> = futures_join(tasks).await;
+    let results = thirty_appends_at_once(&w, "poison").await;
     let refused = results[13].as_ref().expect_err("the refused entry fails its caller");
     assert!(refused.to_string().contains("refused by the test"), "{refused}");
     let mut ok: Vec<i64> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
@@ -300,6 +288,17 @@ async fn an_entry_refused_on_the_writers_own_connection_fails_alone_on_sqlite() 
     let r = audit::verify(&store, &key).await.unwrap();
     assert!(r.ok && r.entries == 31, "{r:?}");
     store.close().await;
+}
+
+/// 30 appends queued at once; the 14th (index 13) from `bad_requester`, the others fine.
+async fn thirty_appends_at_once(w: &AuditLog, bad_requester: &str) -> Vec<Result<i64, audit::AuditError>> {
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let w = w.clone();
+        let who = if i == 13 { bad_requester.to_string() } else { format!("agent-{i}") };
+        tasks.push(tokio::spawn(async move { w.append(AuditRecord::new("credential.used", &who, "allow")).await }));
+    }
+    futures_join(tasks).await
 }
 
 async fn futures_join<T: Send + 'static>(tasks: Vec<tokio::task::JoinHandle<T>>) -> Vec<T> {
