@@ -719,6 +719,8 @@ struct Writer {
     /// then takes every batch).
     direct: Option<direct::Direct>,
     direct_path: Option<std::path::PathBuf>,
+    /// Whether the writer runs on a thread of its own (see [`Writer::gather`]).
+    own_thread: bool,
 }
 
 /// Whether any of `items` ends a lease (its commit must bump [`Domain::Leases`]).
@@ -894,6 +896,21 @@ impl Writer {
 
     /// Serve batches until every [`AuditLog`] handle is gone. While idle, a closing pool takes
     /// the writer's connection back at once (so `Store::close` is not held up).
+    /// On its own thread the writer wakes at the first item queued, where a writer task would
+    /// run only once the runtime's workers had run their other ready tasks, which by then had
+    /// queued theirs. Lease mutations go through sqlx and cost a transaction of their own, so
+    /// before committing a batch that has any, let the workers run once (a task spawned now
+    /// runs after the ones already waiting) and take what they queued meanwhile.
+    async fn gather(&self, rx: &mut mpsc::Receiver<Req>, buf: &mut Vec<Req>) {
+        let _ = tokio::spawn(async {}).await;
+        while buf.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(req) => buf.push(req),
+                Err(_) => break,
+            }
+        }
+    }
+
     async fn run(mut self, mut rx: mpsc::Receiver<Req>) {
         let mut buf: Vec<Req> = Vec::with_capacity(MAX_BATCH);
         loop {
@@ -912,6 +929,9 @@ impl Writer {
             };
             if n == 0 {
                 break;
+            }
+            if self.own_thread && buf.iter().any(|r| r.op.is_some()) {
+                self.gather(&mut rx, &mut buf).await;
             }
             self.commit_and_ack(&mut buf).await;
         }
@@ -943,6 +963,7 @@ fn spawn_on_thread(writer: Writer, rx: mpsc::Receiver<Req>) -> tokio::task::Join
             match slot.lock().ok().and_then(|mut g| g.take()) {
                 Some((mut writer, rx)) => {
                     writer.direct_path = None;
+                    writer.own_thread = false;
                     tokio::spawn(writer.run(rx))
                 }
                 None => tokio::spawn(async {}),
@@ -983,6 +1004,7 @@ impl AuditLog {
             epochs,
             direct: None,
             direct_path,
+            own_thread: on_thread,
         };
         let handle = if on_thread { spawn_on_thread(writer, rx) } else { tokio::spawn(writer.run(rx)) };
         (Self { tx, stats }, handle)
