@@ -290,6 +290,57 @@ async fn an_entry_refused_on_the_writers_own_connection_fails_alone_on_sqlite() 
     store.close().await;
 }
 
+/// On a SQLite file, an append that finds the writer idle commits its entry itself, on the
+/// writer's connection. Mixed with lease mutations (which go through the writer and sqlx) and
+/// with an entry the database refuses on the inline path, the numbering has no gap, the refused
+/// entry fails its own caller only, and the chain verifies, also after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lone_append_commits_itself_and_the_chain_stays_exact_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
+    store.migrate().await.unwrap();
+    let Store::Sqlite(pool) = &store else { unreachable!("sqlite store") };
+    sqlx::query("CREATE TRIGGER refuse_poison BEFORE INSERT ON audit WHEN NEW.requester = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        .execute(pool)
+        .await
+        .unwrap();
+    let key = Key32::generate().unwrap();
+    let (w, task) = AuditLog::start(store.clone(), key.clone());
+    let mut expected = 0;
+    for i in 0..60 {
+        expected += 1;
+        let rec = AuditRecord::new("credential.used", &format!("one-{i}"), "allow");
+        let seq = if i % 10 == 9 {
+            let id = format!("lease_inline_{i:02}");
+            w.append_with(rec.lease(&id), root(&id)).await.unwrap().0
+        } else {
+            w.append(rec).await.unwrap()
+        };
+        assert_eq!(seq, expected, "append {i}");
+        if i == 30 {
+            let refused = w.append(AuditRecord::new("credential.used", "poison", "allow")).await.expect_err("refused");
+            assert!(refused.to_string().contains("refused by the test"), "{refused}");
+        }
+    }
+    // The first append reads the head and the second opens the connection (both through the
+    // writer); each lease mutation goes through the writer too. Every other one is inline.
+    assert!(w.inline_commits() >= 45, "{} inline commits", w.inline_commits());
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM audit WHERE requester = 'poison'").await, 0);
+    assert_eq!(count(&store, "SELECT COUNT(*) FROM leases").await, 6);
+    drop(w);
+    let _ = task.await;
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == 60, "{r:?}");
+    let (w, _task) = AuditLog::start(store.clone(), key.clone());
+    assert_eq!(w.append(AuditRecord::new("credential.used", "after", "allow")).await.unwrap(), 61);
+    assert_eq!(w.append(AuditRecord::new("credential.used", "after-2", "allow")).await.unwrap(), 62);
+    assert_eq!(w.append(AuditRecord::new("credential.used", "after-3", "allow")).await.unwrap(), 63);
+    assert!(w.inline_commits() >= 1);
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == 63, "{r:?}");
+    store.close().await;
+}
+
 /// 30 appends queued at once; the 14th (index 13) from `bad_requester`, the others fine.
 async fn thirty_appends_at_once(w: &AuditLog, bad_requester: &str) -> Vec<Result<i64, audit::AuditError>> {
     let mut tasks = Vec::new();

@@ -7,12 +7,15 @@
 //! wake-ups were half the CPU of a one-entry batch, and under proxy load the whole SQLite part
 //! of the audit cost ~14 µs per request. The writer runs on a thread of its own
 //! ([`super::AuditLog::start_with`]) and executes these batches there, on this connection,
-//! without a hand-off; a busy writer goes from one batch to the next without sleeping.
+//! without a hand-off; a busy writer goes from one batch to the next without sleeping. When
+//! the writer is idle, an append commits its own entry here instead, on the caller's thread
+//! ([`super::AuditLog::append`]): no hand-off at all.
 //!
 //! Batches with lease mutations keep the sqlx connection, so the lease SQL has one
-//! implementation. Both connections belong to the one writer, which uses them one after the
-//! other, so the chain head it remembers stays right; another process's appends are caught by
-//! the same `seq` collision as on the sqlx path ([`BatchFail::stale_head`]).
+//! implementation. The chain head and this connection sit together behind one lock
+//! ([`super::Lane`]), and the sqlx path takes the head out while its transaction runs, so
+//! commits never interleave and the remembered head stays right; another process's appends are
+//! caught by the same `seq` collision as on the sqlx path ([`BatchFail::stale_head`]).
 //!
 //! The statement texts are the sqlx path's ([`super::sqlite_inserts`]): the same rows, bound
 //! the same way, NULL padding included.
@@ -32,11 +35,10 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 /// `COMMIT` and the head they all stay prepared.
 const STATEMENT_CACHE: usize = 24;
 
-/// The connection, opened on the store's file (never creating it). It sits in a `Mutex` only
-/// to make the writer `Sync` (a `rusqlite::Connection` is not); the writer owns it and reaches
-/// it through `&mut`, so the lock is never taken.
+/// The connection, opened on the store's file (never creating it). It lives in the writer's
+/// [`super::Lane`], whose lock serializes the writer and inline appends.
 pub(super) struct Direct {
-    conn: std::sync::Mutex<Connection>,
+    conn: Connection,
 }
 
 impl Direct {
@@ -52,24 +54,14 @@ impl Direct {
         };
         conn.pragma_update(None, "synchronous", synchronous)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        Ok(Self {
-            conn: std::sync::Mutex::new(conn),
-        })
+        Ok(Self { conn })
     }
 
     /// Insert `entries` and store `head` in one transaction. `Err` rolls back; its
     /// `broken` asks the caller to drop this connection (the rollback failed too, so the
     /// connection's state is unknown).
     pub(super) fn append(&mut self, entries: &[Entry<'_>], head: &Head) -> Result<(), BatchFail> {
-        // Poisoned only if a statement panicked mid-way: the transaction's state is unknown.
-        let Ok(conn) = self.conn.get_mut() else {
-            return Err(BatchFail {
-                msg: "audit connection poisoned".into(),
-                culprit: None,
-                stale_head: false,
-                broken: true,
-            });
-        };
+        let conn = &mut self.conn;
         match transaction(conn, entries, head) {
             Ok(()) => Ok(()),
             Err(e) => {
