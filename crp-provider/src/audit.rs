@@ -23,9 +23,9 @@
 //!   of its own, and a batch without lease mutations (the proxy's stream of `credential.used`)
 //!   is written there on the writer's own rusqlite connection ([`direct`]) instead of through
 //!   sqlx, whose connection lives on another thread: a busy writer goes from batch to batch
-//!   without waking anyone. When the writer is idle (nothing queued, no commit running), an
-//!   [`AuditLog::append`] commits its entry itself on that connection, under the same lock as
-//!   the writer: a lone request wakes no thread. Batches with lease mutations go through sqlx
+//!   without waking anyone. An [`AuditLog::append`] that is the only one in flight commits its
+//!   entry itself on that connection, under the same lock as the writer: a lone request wakes
+//!   no thread. Batches with lease mutations go through sqlx
 //!   (`BEGIN IMMEDIATE`, the mutations, then insert, head and `COMMIT` in one multi-statement
 //!   text), so the lease SQL exists once.
 //! - **Durability** (`[audit] durability` in `config.toml`, [`Durability`]). `fsync` (the
@@ -279,6 +279,25 @@ struct Stats {
     direct: std::sync::atomic::AtomicU64,
     /// Entries their callers committed themselves ([`AuditLog::append`]).
     inline: std::sync::atomic::AtomicU64,
+    /// Appends (with or without a lease mutation) started and not yet answered.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// Counts an append in [`Stats::in_flight`] for as long as it lives.
+struct InFlight<'a>(&'a Stats);
+
+impl<'a> InFlight<'a> {
+    /// Count one more; also says whether it is the only one.
+    fn enter(stats: &'a Stats) -> (Self, bool) {
+        let before = stats.in_flight.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        (Self(stats), before == 0)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 /// Canonical bytes of an entry (what the MAC covers), written into `out` (cleared first).
@@ -1103,6 +1122,11 @@ impl AuditLog {
     }
 
     async fn submit(&self, rec: AuditRecord, op: Option<LeaseOp>) -> Ack {
+        let _counted = InFlight::enter(&self.stats);
+        self.send(rec, op).await
+    }
+
+    async fn send(&self, rec: AuditRecord, op: Option<LeaseOp>) -> Ack {
         let (done, wait) = oneshot::channel();
         let stopped = || AppendError::Audit(AuditError::Write("audit writer stopped".into()));
         self.tx.send(Req { rec, ts: now_ms(), op, done }).await.map_err(|_| stopped())?;
@@ -1111,17 +1135,24 @@ impl AuditLog {
 
     /// Append an entry and wait until it is durable. Returns its sequence number.
     ///
-    /// On a SQLite file, when nothing is queued and the writer is not committing, the caller
-    /// commits its entry itself, on the writer's own connection (the writer's lock keeps the
-    /// chain in order): a lone request then costs no hand-off to the writer's thread and back,
-    /// which on this path was about half the CPU of a one-entry commit. Anything else (a queue,
-    /// a commit in progress, a failure) goes through the writer as usual.
+    /// On a SQLite file, an append that is the only one in flight (nothing queued, no commit
+    /// running, no other caller waiting) commits its entry itself, on the writer's own
+    /// connection (the writer's lock keeps the chain in order): a lone request then costs no
+    /// hand-off to the writer's thread and back, which was about half the CPU of a one-entry
+    /// commit. With company it goes through the writer, whose batches share one commit (an
+    /// inline commit would hold the others up for its own fsync). So does anything after a
+    /// failure.
     pub async fn append(&self, rec: AuditRecord) -> Result<i64, AuditError> {
-        let rec = match self.append_inline(rec) {
-            Inlined::Done(result) => return result,
-            Inlined::Declined(rec) => rec,
+        let (_counted, alone) = InFlight::enter(&self.stats);
+        let rec = if alone {
+            match self.append_inline(rec) {
+                Inlined::Done(result) => return result,
+                Inlined::Declined(rec) => rec,
+            }
+        } else {
+            rec
         };
-        match self.submit(rec, None).await {
+        match self.send(rec, None).await {
             Ok((seq, _)) => Ok(seq),
             Err(AppendError::Audit(e)) => Err(e),
             // Unreachable without an op; reported as a write failure all the same.

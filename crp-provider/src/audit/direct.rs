@@ -7,8 +7,8 @@
 //! wake-ups were half the CPU of a one-entry batch, and under proxy load the whole SQLite part
 //! of the audit cost ~14 µs per request. The writer runs on a thread of its own
 //! ([`super::AuditLog::start_with`]) and executes these batches there, on this connection,
-//! without a hand-off; a busy writer goes from one batch to the next without sleeping. When
-//! the writer is idle, an append commits its own entry here instead, on the caller's thread
+//! without a hand-off; a busy writer goes from one batch to the next without sleeping. An
+//! append that is the only one in flight commits its own entry here instead, on the caller's thread
 //! ([`super::AuditLog::append`]): no hand-off at all.
 //!
 //! Batches with lease mutations keep the sqlx connection, so the lease SQL has one
