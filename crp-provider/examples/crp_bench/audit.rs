@@ -24,8 +24,8 @@ pub struct AuditArgs {
 
 pub async fn run(a: AuditArgs) -> anyhow::Result<bool> {
     println!("### Audit writer alone (in process, {:?}, {} s per level)\n", a.durability, a.duration);
-    println!("| appenders | appends/s | CPU µs/entry | entries/commit | own-connection commits |");
-    println!("|---:|---:|---:|---:|---:|");
+    println!("| appenders | appends/s | CPU µs/entry | entries/commit | own-connection commits | committed by their caller |");
+    println!("|---:|---:|---:|---:|---:|---:|");
     let pid = std::process::id();
     for (i, &conc) in a.concurrency.iter().enumerate() {
         let dir = a.work.join(format!("audit-{i}"));
@@ -67,11 +67,12 @@ pub async fn run(a: AuditArgs) -> anyhow::Result<bool> {
         let cpu_us = (proc_ticks(pid).unwrap_or(0).saturating_sub(ticks)) as f64 * us_per_tick();
         let (batches, entries) = log.stats();
         println!(
-            "| {conc} | {:.0} | {:.1} | {:.1} | {:.0}% |",
+            "| {conc} | {:.0} | {:.1} | {:.1} | {:.0}% | {:.0}% |",
             total as f64 / secs,
             cpu_us / total.max(1) as f64,
             entries as f64 / batches.max(1) as f64,
-            100.0 * log.direct_batches() as f64 / batches.max(1) as f64
+            100.0 * log.direct_batches() as f64 / batches.max(1) as f64,
+            100.0 * log.inline_commits() as f64 / entries.max(1) as f64
         );
         drop(log);
         store.close().await;
