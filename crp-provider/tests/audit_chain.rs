@@ -264,13 +264,7 @@ async fn unstorable_entry_fails_alone_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_entry_refused_on_the_writers_own_connection_fails_alone_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
-    store.migrate().await.unwrap();
-    let Store::Sqlite(pool) = &store else { unreachable!("sqlite store") };
-    sqlx::query("CREATE TRIGGER refuse_poison BEFORE INSERT ON audit WHEN NEW.requester = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
-        .execute(pool)
-        .await
-        .unwrap();
+    let store = sqlite_store_refusing_poison(dir.path()).await;
     let key = Key32::generate().unwrap();
     let (w, _t) = AuditLog::start(store.clone(), key.clone());
     // The first batch reads the head (sqlx); from then on the writer knows it.
@@ -290,20 +284,14 @@ async fn an_entry_refused_on_the_writers_own_connection_fails_alone_on_sqlite() 
     store.close().await;
 }
 
-/// On a SQLite file, an append that finds the writer idle commits its entry itself, on the
-/// writer's connection. Mixed with lease mutations (which go through the writer and sqlx) and
+/// On a SQLite file, an append that is the only one in flight commits its entry itself, on
+/// the writer's connection. Mixed with lease mutations (which go through the writer and sqlx) and
 /// with an entry the database refuses on the inline path, the numbering has no gap, the refused
 /// entry fails its own caller only, and the chain verifies, also after a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lone_append_commits_itself_and_the_chain_stays_exact_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
-    store.migrate().await.unwrap();
-    let Store::Sqlite(pool) = &store else { unreachable!("sqlite store") };
-    sqlx::query("CREATE TRIGGER refuse_poison BEFORE INSERT ON audit WHEN NEW.requester = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
-        .execute(pool)
-        .await
-        .unwrap();
+    let store = sqlite_store_refusing_poison(dir.path()).await;
     let key = Key32::generate().unwrap();
     let (w, task) = AuditLog::start(store.clone(), key.clone());
     let mut expected = 0;
@@ -339,6 +327,19 @@ async fn a_lone_append_commits_itself_and_the_chain_stays_exact_on_sqlite() {
     let r = audit::verify(&store, &key).await.unwrap();
     assert!(r.ok && r.entries == 63, "{r:?}");
     store.close().await;
+}
+
+/// A migrated SQLite store in `dir` whose database refuses any audit entry from the requester
+/// `poison` (a trigger stands in for a failing disk).
+async fn sqlite_store_refusing_poison(dir: &std::path::Path) -> Store {
+    let store = Store::open_sqlite(&dir.join("vault.db")).await.unwrap();
+    store.migrate().await.unwrap();
+    let Store::Sqlite(pool) = &store else { unreachable!("sqlite store") };
+    sqlx::query("CREATE TRIGGER refuse_poison BEFORE INSERT ON audit WHEN NEW.requester = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        .execute(pool)
+        .await
+        .unwrap();
+    store
 }
 
 /// 30 appends queued at once; the 14th (index 13) from `bad_requester`, the others fine.
