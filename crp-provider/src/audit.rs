@@ -248,7 +248,8 @@ fn insert_fail(e: sqlx::Error, cached: bool) -> BatchFail {
 pub struct AuditLog {
     tx: mpsc::Sender<Req>,
     stats: std::sync::Arc<Stats>,
-    /// On a SQLite file: what an append needs to commit itself when the writer is idle.
+    /// On a SQLite file: what an append needs to commit itself when it is the only one in
+    /// flight.
     inline: Option<std::sync::Arc<Inline>>,
 }
 
@@ -762,9 +763,10 @@ fn lock_lane(lane: &std::sync::Mutex<Lane>) -> std::sync::MutexGuard<'_, Lane> {
 }
 
 impl Lane {
-    /// Commit `batch` (no lease mutations) on the own connection, from the remembered head.
+    /// Commit `batch` (no lease mutations) on the own connection, from the remembered head;
+    /// `wait`: whether to wait for another connection's write lock ([`direct::Direct::append`]).
     /// `None` when there is no head or no connection: the batch must go through sqlx.
-    fn commit(&mut self, key: &Key32, batch: &[Req], stats: &Stats) -> Option<Result<Vec<ItemResult>, BatchFail>> {
+    fn commit(&mut self, key: &Key32, batch: &[Req], stats: &Stats, wait: bool) -> Option<Result<Vec<ItemResult>, BatchFail>> {
         if self.head.is_none() || self.direct.is_none() {
             return None;
         }
@@ -772,7 +774,7 @@ impl Lane {
         let ops: OpResults = batch.iter().map(|_| Ok(None)).collect();
         let (entries, out, new_head) = chain(key, &head, batch, ops, &mut self.scratch);
         let d = self.direct.as_mut()?;
-        Some(match d.append(&entries, &new_head) {
+        Some(match d.append(&entries, &new_head, wait) {
             Ok(()) => {
                 stats.direct.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 self.head = Some(new_head);
@@ -892,7 +894,7 @@ impl Writer {
                 }
             }
         }
-        lane.commit(&self.key, batch, &self.stats)
+        lane.commit(&self.key, batch, &self.stats, true)
     }
 
     /// After a failure: roll back whatever is open; drop the connection if it is broken or the
@@ -1102,7 +1104,7 @@ impl AuditLog {
         self.stats.direct.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Entries whose callers committed them themselves, the writer being idle (see
+    /// Entries whose callers committed them themselves, being the only append in flight (see
     /// [`AuditLog::append`]); always 0 on PostgreSQL and in-memory SQLite.
     pub fn inline_commits(&self) -> u64 {
         self.stats.inline.load(std::sync::atomic::Ordering::Relaxed)
@@ -1140,8 +1142,9 @@ impl AuditLog {
     /// connection (the writer's lock keeps the chain in order): a lone request then costs no
     /// hand-off to the writer's thread and back, which was about half the CPU of a one-entry
     /// commit. With company it goes through the writer, whose batches share one commit (an
-    /// inline commit would hold the others up for its own fsync). So does anything after a
-    /// failure.
+    /// inline commit would hold the others up for its own fsync). So does an entry whose inline
+    /// commit failed (rolled back), or found the database locked by another process (a runtime
+    /// worker does not wait for that; the writer's thread does).
     pub async fn append(&self, rec: AuditRecord) -> Result<i64, AuditError> {
         let (_counted, alone) = InFlight::enter(&self.stats);
         let rec = if alone {
@@ -1173,7 +1176,7 @@ impl AuditLog {
         };
         let (done, _) = oneshot::channel();
         let batch = [Req { rec, ts: now_ms(), op: None, done }];
-        let committed = lane.commit(&inline.key, &batch, &self.stats);
+        let committed = lane.commit(&inline.key, &batch, &self.stats, false);
         drop(lane);
         let [req] = batch;
         match committed {

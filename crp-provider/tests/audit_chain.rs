@@ -329,6 +329,42 @@ async fn a_lone_append_commits_itself_and_the_chain_stays_exact_on_sqlite() {
     store.close().await;
 }
 
+/// A lone append that finds the database locked by another connection (another process, in
+/// life) does not wait on the runtime's worker: it goes to the writer's thread, which waits for
+/// the lock, and commits once it is free. With one worker, a task spawned meanwhile still runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn a_lone_append_never_waits_for_a_lock_on_a_runtime_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
+    store.migrate().await.unwrap();
+    let key = Key32::generate().unwrap();
+    let (w, _task) = AuditLog::start(store.clone(), key.clone());
+    // The first append reads the head and the second opens the writer's connection.
+    for i in 1..=3 {
+        assert_eq!(w.append(AuditRecord::new("credential.used", &format!("before-{i}"), "allow")).await.unwrap(), i);
+    }
+    let inline_before = w.inline_commits();
+    assert!(inline_before >= 1, "the third append commits inline");
+    let Store::Sqlite(pool) = &store else { unreachable!("sqlite store") };
+    let mut other = pool.acquire().await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *other).await.unwrap();
+    let w2 = w.clone();
+    let pending = tokio::spawn(async move { w2.append(AuditRecord::new("credential.used", "while-locked", "allow")).await });
+    // Wall time, not a Tokio timer: a blocked worker would not drive the timers either.
+    let started = std::time::Instant::now();
+    tokio::spawn(async {}).await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(3), "the only worker was blocked for {:?}", started.elapsed());
+    assert!(!pending.is_finished(), "the append waits for the lock");
+    sqlx::query("COMMIT").execute(&mut *other).await.unwrap();
+    drop(other);
+    assert_eq!(pending.await.unwrap().unwrap(), 4);
+    assert_eq!(w.inline_commits(), inline_before, "that append went through the writer");
+    assert_eq!(w.append(AuditRecord::new("credential.used", "after", "allow")).await.unwrap(), 5);
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == 5, "{r:?}");
+    store.close().await;
+}
+
 /// A migrated SQLite store in `dir` whose database refuses any audit entry from the requester
 /// `poison` (a trigger stands in for a failing disk).
 async fn sqlite_store_refusing_poison(dir: &std::path::Path) -> Store {

@@ -39,6 +39,8 @@ const STATEMENT_CACHE: usize = 24;
 /// [`super::Lane`], whose lock serializes the writer and inline appends.
 pub(super) struct Direct {
     conn: Connection,
+    /// The busy timeout now set on `conn`.
+    busy_timeout: Duration,
 }
 
 impl Direct {
@@ -54,13 +56,20 @@ impl Direct {
         };
         conn.pragma_update(None, "synchronous", synchronous)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        Ok(Self { conn })
+        Ok(Self { conn, busy_timeout: BUSY_TIMEOUT })
     }
 
     /// Insert `entries` and store `head` in one transaction. `Err` rolls back; its
     /// `broken` asks the caller to drop this connection (the rollback failed too, so the
-    /// connection's state is unknown).
-    pub(super) fn append(&mut self, entries: &[Entry<'_>], head: &Head) -> Result<(), BatchFail> {
+    /// connection's state is unknown). Without `wait`, a write lock held by another connection
+    /// fails the call at once instead of being waited for: an inline append runs on a runtime
+    /// worker, which must not sleep on another process's transaction.
+    pub(super) fn append(&mut self, entries: &[Entry<'_>], head: &Head, wait: bool) -> Result<(), BatchFail> {
+        let timeout = if wait { BUSY_TIMEOUT } else { Duration::ZERO };
+        if self.busy_timeout != timeout {
+            self.conn.busy_timeout(timeout).map_err(|e| fail(Failure::Other(e), false))?;
+            self.busy_timeout = timeout;
+        }
         let conn = &mut self.conn;
         match transaction(conn, entries, head) {
             Ok(()) => Ok(()),
