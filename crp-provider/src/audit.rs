@@ -286,6 +286,15 @@ struct Stats {
     in_flight: std::sync::atomic::AtomicUsize,
 }
 
+impl Stats {
+    /// One committed transaction and its entries (the items whose mutation was not refused).
+    fn count(&self, results: &[ItemResult]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.batches.fetch_add(1, Relaxed);
+        self.entries.fetch_add(results.iter().filter(|r| r.is_ok()).count() as u64, Relaxed);
+    }
+}
+
 /// Counts an append in [`Stats::in_flight`] for as long as it lives.
 struct InFlight<'a>(&'a Stats);
 
@@ -925,12 +934,6 @@ impl Writer {
         }
     }
 
-    fn count(&self, results: &[ItemResult]) {
-        use std::sync::atomic::Ordering::Relaxed;
-        self.stats.batches.fetch_add(1, Relaxed);
-        self.stats.entries.fetch_add(results.iter().filter(|r| r.is_ok()).count() as u64, Relaxed);
-    }
-
     /// Commit `buf` and acknowledge every caller. One transaction for the whole batch; if it
     /// fails, each item is retried alone (its own transaction), so one bad item cannot fail its
     /// neighbours and each caller gets its own result.
@@ -944,7 +947,7 @@ impl Writer {
         };
         match self.write_batch(buf).await {
             Ok(results) => {
-                self.count(&results);
+                self.stats.count(&results);
                 bump(self, buf);
                 for (r, res) in buf.drain(..).zip(results) {
                     let _ = r.done.send(res.map_err(AppendError::Lease));
@@ -960,7 +963,7 @@ impl Writer {
                     let one = std::slice::from_ref(&r);
                     let ack = match self.write_batch(one).await {
                         Ok(mut results) => {
-                            self.count(&results);
+                            self.stats.count(&results);
                             match results.pop() {
                                 Some(res) => res.map_err(AppendError::Lease),
                                 None => Err(AppendError::Audit(AuditError::Write("audit writer lost an entry".into()))),
@@ -1163,7 +1166,8 @@ impl AuditLog {
         }
     }
 
-    /// Commit `rec` here if the writer is idle (see [`AuditLog::append`]); otherwise hand it back.
+    /// Commit `rec` here, on the caller's thread (see [`AuditLog::append`]); if the writer's
+    /// lane is busy or not ready, or the commit fails, hand it back.
     fn append_inline(&self, rec: AuditRecord) -> Inlined {
         let Some(inline) = &self.inline else {
             return Inlined::Declined(rec);
@@ -1181,10 +1185,8 @@ impl AuditLog {
         let [req] = batch;
         match committed {
             Some(Ok(mut results)) => {
-                use std::sync::atomic::Ordering::Relaxed;
-                self.stats.batches.fetch_add(1, Relaxed);
-                self.stats.entries.fetch_add(1, Relaxed);
-                self.stats.inline.fetch_add(1, Relaxed);
+                self.stats.count(&results);
+                self.stats.inline.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 Inlined::Done(match results.pop() {
                     Some(Ok((seq, _))) => Ok(seq),
                     // Unreachable: an entry without a lease mutation is never refused.

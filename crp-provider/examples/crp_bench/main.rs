@@ -92,7 +92,7 @@ enum Cmd {
         work: PathBuf,
         /// `fsync` or `os` (as `[audit] durability`).
         #[arg(long, default_value = "os")]
-        durability: String,
+        durability: crp_provider::config::Durability,
         /// Seconds per concurrency level.
         #[arg(long, default_value_t = 4.0)]
         duration: f64,
@@ -160,11 +160,6 @@ fn main() -> ExitCode {
                 leases::run(leases::LeaseArgs { work, server: common::ServerCmd { bin: server_bin }, duration, clients }).await
             }
             Cmd::Audit { work, durability, duration, concurrency } => {
-                let durability = match durability.as_str() {
-                    "fsync" => crp_provider::config::Durability::Fsync,
-                    "os" => crp_provider::config::Durability::Os,
-                    other => anyhow::bail!("--durability must be fsync or os, not {other}"),
-                };
                 audit::run(audit::AuditArgs { work, durability, duration, concurrency }).await
             }
             Cmd::Scale { work, sizes, iters, tree } => scale::run(scale::ScaleArgs { work, sizes, iters, tree }).await,
