@@ -441,3 +441,92 @@ async fn a_revoke_by_another_vault_process_cuts_the_next_request() {
     assert_eq!(r.status(), 403);
     other.shutdown().await;
 }
+
+/// A loopback server that reads whatever comes and answers with `reply` (possibly nothing,
+/// possibly a head and part of a body), then keeps the connection open without another byte.
+async fn stalling_server(reply: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let _ = s.write_all(reply).await;
+                // Hold the connection open, silent, until the peer goes away.
+                while matches!(s.read(&mut buf).await, Ok(n) if n > 0) {}
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn silent_and_stalling_upstreams_time_out_and_are_audited() {
+    let silent = stalling_server(b"").await;
+    let half_body = stalling_server(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly ten..").await;
+    let doc = format!(
+        r#"
+[[credential]]
+key = "slow/head"
+service = "silent"
+value = "{SECRET}"
+upstream = "http://127.0.0.1:{}"
+allow_private_hosts = ["127.0.0.1"]
+
+[[credential]]
+key = "slow/tls"
+service = "silent-tls"
+value = "{SECRET}"
+upstream = "https://127.0.0.1:{}"
+allow_private_hosts = ["127.0.0.1"]
+
+[[credential]]
+key = "slow/body"
+service = "half-body"
+value = "{SECRET}"
+upstream = "http://127.0.0.1:{}"
+allow_private_hosts = ["127.0.0.1"]
+"#,
+        silent.port(),
+        silent.port(),
+        half_body.port()
+    );
+    let (vault, _dir) = vault_with(&doc).await;
+    let mut cfg = crp_provider::http::ServeConfig { listen: "127.0.0.1:0".parse().unwrap(), dev: true, ..Default::default() };
+    cfg.upstream.connect_timeout = Duration::from_millis(200);
+    cfg.upstream.read_timeout = Duration::from_millis(1000);
+    let server = crp_provider::http::start(vault.clone(), cfg).await.unwrap();
+    // The response head never comes: the read timeout. The TLS handshake never completes:
+    // the connect timeout, which covers TLS. Ten bytes of a hundred: the read timeout again,
+    // now between two pieces of the body.
+    // (The TLS case must end well before the read timeout would have ended it.)
+    for (service, status, code, within) in [
+        ("silent", 504, "upstream_timeout", Duration::from_secs(10)),
+        ("silent-tls", 504, "upstream_timeout", Duration::from_millis(900)),
+        ("half-body", 502, "upstream_body", Duration::from_secs(10)),
+    ] {
+        let (url, token, lease) = use_service(&server.base_url(), service, json!({})).await;
+        let started = std::time::Instant::now();
+        let sent = client().get(format!("{url}/v1/x?q=1")).bearer_auth(&token).send();
+        let r = tokio::time::timeout(Duration::from_secs(20), sent).await.expect("the proxy answers").unwrap();
+        assert_eq!(r.status(), status, "{service}");
+        assert!(started.elapsed() < within, "{service}: {:?}", started.elapsed());
+        let text = r.text().await.unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["error"], code, "{service}: {v}");
+        assert!(!text.contains(SECRET), "{text}");
+        let ev = crp_provider::audit::query(
+            vault.store(),
+            &crp_core::types::ext::AuditQueryParams { action: Some("credential.used".into()), ..Default::default() },
+        )
+        .await
+        .unwrap();
+        let used = ev.iter().find(|e| e.lease_id.as_deref() == Some(lease.as_str())).expect("the refusal is audited");
+        let detail = serde_json::to_string(&used.detail).unwrap();
+        assert!(detail.contains(&format!("\"status\":{status}")), "{service}: {detail}");
+        assert!(!detail.contains(SECRET), "{detail}");
+    }
+    server.shutdown().await;
+}

@@ -1,12 +1,13 @@
 //! Egress safety for the injecting proxy: where a credential may be sent.
 //!
-//! Owns the address policy and the upstream HTTP clients.
+//! Owns the address policy: which hosts and addresses a credential may be sent to, and the
+//! resolver that enforces it (the clients that use it are in [`super::upstream`]).
 //! - The upstream is fixed by the credential (its base URL); the caller only appends a path
 //!   and a query, and [`upstream_url`] checks the result stays on the same origin and under
 //!   the base path.
-//! - Redirects are never followed (`redirect::Policy::none()`): a 3xx goes back to the caller.
-//! - Names are resolved once per new connection by [`GuardedResolver`], a
-//!   `reqwest::dns::Resolve` that refuses the whole answer when any address is private,
+//! - Redirects are never followed: a 3xx goes back to the caller.
+//! - Names are resolved once per new connection by [`GuardedResolver`], the connector's
+//!   resolver (a `tower` service of names), which refuses the whole answer when any address is private,
 //!   loopback, link-local, CGNAT, unique-local, multicast, reserved or cloud metadata
 //!   ([`is_blocked`]). The connection then goes to the address that was checked, so a later
 //!   DNS answer cannot rebind it. Literal IP upstreams never reach a resolver; [`check_literal`]
@@ -16,15 +17,17 @@
 //!   reach although they are private. There is no global switch. Clients are cached per
 //!   allowance set, so a pooled connection opened under one credential's allowance is never
 //!   reused for a credential without it.
-//! - No system proxy is used (`no_proxy`).
+//! - No system proxy is used: the environment's `HTTP_PROXY` and friends are never read.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
+use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 
+use hyper_util::client::legacy::connect::dns::Name;
 use reqwest::Url;
-use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 
 /// Cloud metadata endpoints, refused like every link-local/unique-local address.
 pub const METADATA_ADDRESSES: [IpAddr; 2] = [
@@ -189,7 +192,7 @@ impl GuardedResolver {
         Self { allowance: Arc::new(allowance) }
     }
 
-    /// Resolve and check (the logic behind [`Resolve::resolve`]).
+    /// Resolve and check (what the connector's calls come to).
     pub async fn lookup(allowance: &Allowance, name: &str) -> Result<Vec<SocketAddr>, EgressDenied> {
         let addrs: Vec<SocketAddr> = tokio::net::lookup_host((name, 0))
             .await
@@ -209,14 +212,18 @@ impl GuardedResolver {
     }
 }
 
-impl Resolve for GuardedResolver {
-    fn resolve(&self, name: Name) -> Resolving {
+impl tower_service::Service<Name> for GuardedResolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = EgressDenied;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, EgressDenied>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), EgressDenied>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
         let allowance = self.allowance.clone();
-        let name = name.as_str().to_string();
-        Box::pin(async move {
-            let addrs = Self::lookup(&allowance, &name).await?;
-            Ok(Box::new(addrs.into_iter()) as Addrs)
-        })
+        Box::pin(async move { Ok(Self::lookup(&allowance, name.as_str()).await?.into_iter()) })
     }
 }
 
@@ -230,82 +237,6 @@ pub fn egress_denied_in(err: &(dyn std::error::Error + 'static)) -> Option<Egres
         cur = e.source();
     }
     None
-}
-
-/// Settings of the upstream clients.
-#[derive(Debug, Clone)]
-pub struct ClientSettings {
-    /// TCP + TLS connect timeout.
-    pub connect_timeout: Duration,
-    /// Longest wait for the next read from the upstream.
-    pub read_timeout: Duration,
-    /// Idle pooled connections kept per host.
-    pub pool_max_idle_per_host: usize,
-    /// Extra trusted root certificates (DER), e.g. a test CA; the system roots stay trusted.
-    pub extra_roots_der: Vec<Vec<u8>>,
-}
-
-impl Default for ClientSettings {
-    fn default() -> Self {
-        Self {
-            connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(300),
-            pool_max_idle_per_host: 64,
-            extra_roots_der: Vec::new(),
-        }
-    }
-}
-
-/// Upstream clients, one per allowance set (each with its own pool and resolver).
-pub struct Clients {
-    settings: ClientSettings,
-    by_allowance: Mutex<HashMap<Allowance, reqwest::Client>>,
-}
-
-impl Clients {
-    /// An empty cache.
-    pub fn new(settings: ClientSettings) -> Self {
-        Self { settings, by_allowance: Mutex::new(HashMap::new()) }
-    }
-
-    /// The client for `allowance`, built on first use.
-    pub fn get(&self, allowance: &Allowance) -> Result<reqwest::Client, String> {
-        let mut map = self.by_allowance.lock().map_err(|_| "client cache poisoned".to_string())?;
-        if let Some(c) = map.get(allowance) {
-            return Ok(c.clone());
-        }
-        let c = self.build(allowance)?;
-        // Bound the cache: allowance sets come from credentials, which are few; a flood of
-        // distinct sets just rebuilds clients.
-        if map.len() >= 256 {
-            map.clear();
-        }
-        map.insert(allowance.clone(), c.clone());
-        Ok(c)
-    }
-
-    fn build(&self, allowance: &Allowance) -> Result<reqwest::Client, String> {
-        let mut b = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .dns_resolver(GuardedResolver::new(allowance.clone()))
-            .connect_timeout(self.settings.connect_timeout)
-            .read_timeout(self.settings.read_timeout)
-            .pool_max_idle_per_host(self.settings.pool_max_idle_per_host)
-            .tcp_nodelay(true)
-            .referer(false);
-        if !self.settings.extra_roots_der.is_empty() {
-            let certs = self
-                .settings
-                .extra_roots_der
-                .iter()
-                .map(|der| reqwest::Certificate::from_der(der))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| "an extra root certificate is not valid DER".to_string())?;
-            b = b.tls_certs_merge(certs);
-        }
-        b.build().map_err(|_| "cannot build the upstream HTTP client".to_string())
-    }
 }
 
 /// The upstream URL for `rest` (already percent-encoded, without leading `/`) and `query`

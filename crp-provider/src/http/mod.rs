@@ -31,6 +31,7 @@ pub mod redact;
 pub mod register;
 pub mod rpc;
 pub mod stdio;
+pub mod upstream;
 mod vault_backend;
 
 use std::net::SocketAddr;
@@ -68,7 +69,7 @@ pub struct ServeConfig {
     /// the server sits behind a TLS terminator.
     pub public_url: Option<String>,
     /// Upstream client settings (timeouts, pool, extra trusted roots).
-    pub upstream: egress::ClientSettings,
+    pub upstream: upstream::ClientSettings,
     /// Request bodies up to this size are kept so a brokered request can be retried once
     /// after a 401; larger (or unknown-length) bodies stream and are not retried. 64 KiB.
     pub retry_buffer_bytes: usize,
@@ -86,7 +87,7 @@ impl Default for ServeConfig {
             dev: false,
             max_body_bytes: 1024 * 1024,
             public_url: None,
-            upstream: egress::ClientSettings::default(),
+            upstream: upstream::ClientSettings::default(),
             retry_buffer_bytes: 64 * 1024,
             redact_buffer_bytes: 64 * 1024,
             drain_timeout: Duration::from_secs(30),
@@ -101,7 +102,7 @@ pub(crate) struct AppState {
     pub dispatcher: Dispatcher<dyn Provider>,
     pub auth: auth::Authenticator,
     pub metrics: Arc<metrics::Metrics>,
-    pub clients: Arc<egress::Clients>,
+    pub clients: Arc<upstream::Clients>,
     pub cfg: Arc<ServeConfig>,
 }
 
@@ -203,7 +204,7 @@ pub async fn start_with_backend(backend: Arc<dyn Backend>, cfg: ServeConfig) -> 
         auth: auth::Authenticator::new(backend.clone(), cfg.dev),
         backend: backend.clone(),
         metrics: metrics.clone(),
-        clients: Arc::new(egress::Clients::new(cfg.upstream.clone())),
+        clients: Arc::new(upstream::Clients::new(cfg.upstream.clone())),
         cfg: Arc::new(cfg.clone()),
     };
     let app = router(state);

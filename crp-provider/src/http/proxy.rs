@@ -12,8 +12,8 @@
 //!    credential-looking header the caller sent ([`STRIPPED_REQUEST_HEADERS`], any `x-crp-*`)
 //!    are removed; `Accept-Encoding: identity` is sent so echoes stay redactable; then the
 //!    credential is injected by its rule (header with prefix, query parameter, or Basic).
-//! 4. The request body streams to the upstream (reqwest, pooled, HTTP/1.1 or HTTP/2, TLS
-//!    via rustls, redirects never followed). Brokered credentials: when the upstream answers
+//! 4. The request body streams to the upstream ([`super::upstream`]: hyper-util's pooled client,
+//!    HTTP/1.1 or HTTP/2, TLS via rustls, redirects never followed). Brokered credentials: when the upstream answers
 //!    401 the vault re-mints the token and the request is sent once more, but only if the
 //!    body could be kept: no body, or a Content-Length of at most `retry_buffer_bytes`
 //!    (64 KiB); a streamed body is not retried and the 401 goes back to the caller.
@@ -28,8 +28,8 @@
 //!    failed, and before the last chunk is released to the caller; an audit failure cuts the
 //!    response (fail closed). A caller that disconnects early is audited in the background.
 //!
-//! Errors never carry a transport error's text: reqwest's messages include the URL, which
-//! may carry a query-injected secret.
+//! Errors never carry a transport error's text: it may include the URL, which may carry a
+//! query-injected secret.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -53,6 +53,7 @@ use super::backend::{Backend, ProxyAuditRecord, ProxyGrant};
 use super::egress::{self, Allowance};
 use super::metrics::Metrics;
 use super::redact::{self, Redactor, percent_encode};
+use super::upstream::SendError;
 use super::{AppState, PROXY_PREFIX, json_error};
 
 /// Request headers never forwarded: they could carry the caller's own credentials (or the
@@ -229,6 +230,12 @@ fn upstream_url_for(grant: &ProxyGrant, rest: &str, query: Option<&str>, secret:
     })
 }
 
+/// The checked URL as the URI the client sends to: the same string, so the host the egress
+/// guard saw is the host the connection goes to.
+fn upstream_uri(url: &reqwest::Url) -> Result<http::Uri, (StatusCode, &'static str, String)> {
+    http::Uri::try_from(url.as_str()).map_err(|_| (StatusCode::BAD_REQUEST, "bad_path", "the request path is not valid".to_string()))
+}
+
 /// Everything `credential.used` needs, filled in as the exchange proceeds. Dropping it
 /// unfinished (caller went away) audits in the background.
 struct AuditGuard {
@@ -281,17 +288,17 @@ impl Drop for AuditGuard {
     }
 }
 
-/// Body of the caller's request as a reqwest body: kept whole (retryable) or streamed.
+/// Body of the caller's request for the upstream: kept whole (retryable) or streamed.
 enum OutBody {
     Kept(Bytes),
-    Streamed(Option<reqwest::Body>),
+    Streamed(Option<Body>),
 }
 
 impl OutBody {
-    fn take(&mut self) -> reqwest::Body {
+    fn take(&mut self) -> Body {
         match self {
-            OutBody::Kept(b) => reqwest::Body::from(b.clone()),
-            OutBody::Streamed(b) => b.take().unwrap_or_else(|| reqwest::Body::from(Bytes::new())),
+            OutBody::Kept(b) => Body::from(b.clone()),
+            OutBody::Streamed(b) => b.take().unwrap_or_else(Body::empty),
         }
     }
     fn retryable(&self) -> bool {
@@ -378,13 +385,18 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
 
     let allowance = Allowance::new(&grant.allowed_private_hosts);
     let mut secret = grant.secret.clone();
-    let mut url = match upstream_url_for(&grant, rest, query, &secret) {
+    let url = match upstream_url_for(&grant, rest, query, &secret) {
         Ok(u) => u,
         Err((s, code, m)) => refuse!(s, code, &m, "denied"),
     };
     if let Err(d) = egress::check_literal(&url, &allowance) {
         refuse!(StatusCode::FORBIDDEN, "egress_denied", &d.to_string(), "egress_denied");
     }
+    let mut uri = match upstream_uri(&url) {
+        Ok(u) => u,
+        Err((s, code, m)) => refuse!(s, code, &m, "denied"),
+    };
+    drop(url);
     let client = match st.clients.get(&allowance) {
         Ok(c) => c,
         Err(m) => refuse!(StatusCode::BAD_GATEWAY, "upstream_client", &m, "upstream_error"),
@@ -412,13 +424,13 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
         OutBody::Kept(Bytes::new())
     } else {
         let counter = bytes_in.clone();
-        let stream = body.into_data_stream().map(move |r| {
-            if let Ok(b) = &r {
+        let counted = body.map_frame(move |f| {
+            if let Some(b) = f.data_ref() {
                 counter.fetch_add(b.len() as u64, Ordering::Relaxed);
             }
-            r
+            f
         });
-        OutBody::Streamed(Some(reqwest::Body::wrap_stream(stream)))
+        OutBody::Streamed(Some(Body::new(counted)))
     };
     if let OutBody::Kept(b) = &out_body {
         // A kept body has an exact length; keep Content-Length consistent with it.
@@ -433,18 +445,24 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
     let mut attempt = 0;
     let resp = loop {
         attempt += 1;
-        let sent = client.request(method.clone(), url.clone()).headers(headers.clone()).body(out_body.take()).send().await;
-        let resp = match sent {
+        let mut req = http::Request::new(out_body.take());
+        *req.method_mut() = method.clone();
+        *req.uri_mut() = uri.clone();
+        *req.headers_mut() = headers.clone();
+        let resp = match client.send(req).await {
             Ok(r) => r,
-            Err(e) => {
-                if let Some(d) = egress::egress_denied_in(&e) {
-                    refuse!(StatusCode::FORBIDDEN, "egress_denied", &d.to_string(), "egress_denied");
-                }
-                if e.is_timeout() {
-                    refuse!(StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "the upstream did not answer in time", "upstream_error");
-                }
-                let what = if e.is_connect() { "cannot connect to the upstream" } else { "the upstream exchange failed" };
-                refuse!(StatusCode::BAD_GATEWAY, "upstream_unreachable", what, "upstream_error");
+            Err(SendError::Egress(d)) => refuse!(StatusCode::FORBIDDEN, "egress_denied", &d.to_string(), "egress_denied"),
+            Err(SendError::Timeout) => refuse!(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the upstream did not answer in time",
+                "upstream_error"
+            ),
+            Err(SendError::Connect) => {
+                refuse!(StatusCode::BAD_GATEWAY, "upstream_unreachable", "cannot connect to the upstream", "upstream_error")
+            }
+            Err(SendError::Exchange) => {
+                refuse!(StatusCode::BAD_GATEWAY, "upstream_unreachable", "the upstream exchange failed", "upstream_error")
             }
         };
         if resp.status() == StatusCode::UNAUTHORIZED && grant.brokered && out_body.retryable() && attempt == 1 {
@@ -453,7 +471,7 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
                     secret = fresh;
                     patterns.extend(redact::patterns_for(&secret, &grant.injection));
                     patterns.sort_by_key(|p| std::cmp::Reverse(p.len()));
-                    url = match upstream_url_for(&grant, rest, query, &secret) {
+                    uri = match upstream_url_for(&grant, rest, query, &secret).and_then(|u| upstream_uri(&u)) {
                         Ok(u) => u,
                         Err((s, code, m)) => refuse!(s, code, &m, "denied"),
                     };
@@ -529,7 +547,7 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
     if upstream_len.is_some_and(|n| n <= st.cfg.redact_buffer_bytes as u64) {
         // Small body: read it whole (bounded), redact, exact Content-Length.
         let limit = st.cfg.redact_buffer_bytes;
-        let collected = Limited::new(reqwest::Body::from(resp), limit).collect().await;
+        let collected = Limited::new(resp.into_body(), limit).collect().await;
         let raw = match collected {
             Ok(c) => c.to_bytes(),
             Err(_) => refuse!(StatusCode::BAD_GATEWAY, "upstream_body", "the upstream body could not be read", "upstream_error"),
@@ -547,7 +565,7 @@ pub(crate) async fn handle(State(st): State<AppState>, req: Request) -> Response
 
     // Large or unknown length: stream, redacting across chunk boundaries; audit at the end.
     let stream = ResponseStream {
-        upstream: Box::pin(resp.bytes_stream()),
+        upstream: Box::pin(resp.into_body().into_data_stream()),
         redactor,
         guard,
         bytes_out: 0,
@@ -561,7 +579,7 @@ fn internal() -> Response {
     json_error(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", "internal error")
 }
 
-type UpstreamStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+type UpstreamStream = Pin<Box<dyn Stream<Item = Result<Bytes, Box<dyn std::error::Error + Send + Sync>>> + Send>>;
 
 struct ResponseStream {
     upstream: UpstreamStream,
