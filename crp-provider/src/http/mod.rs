@@ -95,9 +95,12 @@ impl Default for ServeConfig {
     }
 }
 
-/// Shared state of every route.
-#[derive(Clone)]
-pub(crate) struct AppState {
+/// Shared state of every route, behind one `Arc`: axum clones the state for every extractor
+/// of every request, and one reference count is cheaper to move between cores than nine.
+pub(crate) type AppState = Arc<Shared>;
+
+/// What [`AppState`] points to.
+pub(crate) struct Shared {
     pub backend: Arc<dyn Backend>,
     pub dispatcher: Dispatcher<dyn Provider>,
     pub auth: auth::Authenticator,
@@ -199,14 +202,14 @@ pub async fn start_with_backend(backend: Arc<dyn Backend>, cfg: ServeConfig) -> 
     let base_url = base_url.trim_end_matches('/').to_string();
     backend.set_proxy_base_url(&base_url);
     let metrics = Arc::new(metrics::Metrics::default());
-    let state = AppState {
+    let state = Arc::new(Shared {
         dispatcher: Dispatcher::new(backend.provider()),
         auth: auth::Authenticator::new(backend.clone(), cfg.dev),
         backend: backend.clone(),
         metrics: metrics.clone(),
         clients: Arc::new(upstream::Clients::new(cfg.upstream.clone())),
         cfg: Arc::new(cfg.clone()),
-    };
+    });
     let app = router(state);
     let (tx, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
