@@ -271,8 +271,11 @@ struct Inline {
 }
 
 /// Writer counters.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Stats {
+    /// Told of every committed transaction, to fold the WAL in the background (file-backed
+    /// SQLite only).
+    checkpoints: Option<crate::store::checkpoint::Kicker>,
     batches: std::sync::atomic::AtomicU64,
     entries: std::sync::atomic::AtomicU64,
     /// Batches redone because another process had appended since this writer's last commit.
@@ -292,6 +295,9 @@ impl Stats {
         use std::sync::atomic::Ordering::Relaxed;
         self.batches.fetch_add(1, Relaxed);
         self.entries.fetch_add(results.iter().filter(|r| r.is_ok()).count() as u64, Relaxed);
+        if let Some(k) = &self.checkpoints {
+            k.committed();
+        }
     }
 }
 
@@ -1074,8 +1080,15 @@ impl AuditLog {
     /// transaction that released leases.
     pub fn start_with(store: Store, key: Key32, durability: Durability, epochs: Epochs) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel::<Req>(4096);
-        let stats = std::sync::Arc::new(Stats::default());
         let direct_path = store.sqlite_path();
+        let checkpoints = direct_path.as_deref().and_then(|p| match crate::store::checkpoint::Kicker::start(p) {
+            Ok(k) => Some(k),
+            Err(e) => {
+                tracing::warn!(target: "crp_provider::audit", "no background WAL checkpoints ({e}); commits fold the WAL themselves");
+                None
+            }
+        });
+        let stats = std::sync::Arc::new(Stats { checkpoints, ..Stats::default() });
         let on_thread = direct_path.is_some();
         let lane = std::sync::Arc::new(std::sync::Mutex::new(Lane { head: None, direct: None, scratch: Vec::with_capacity(512) }));
         let inline = on_thread.then(|| std::sync::Arc::new(Inline { lane: lane.clone(), key: key.clone(), store: store.clone() }));
@@ -1119,6 +1132,12 @@ impl AuditLog {
             self.stats.batches.load(std::sync::atomic::Ordering::Relaxed),
             self.stats.entries.load(std::sync::atomic::Ordering::Relaxed),
         )
+    }
+
+    /// Background WAL checkpoints completed so far ([`crate::store::checkpoint`]); `None`
+    /// when none run (PostgreSQL, in-memory SQLite).
+    pub fn background_checkpoints(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        self.stats.checkpoints.as_ref().map(|k| k.completed())
     }
 
     /// Entries queued for the writer and not yet taken (for metrics).

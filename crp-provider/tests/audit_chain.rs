@@ -329,6 +329,38 @@ async fn a_lone_append_commits_itself_and_the_chain_stays_exact_on_sqlite() {
     store.close().await;
 }
 
+/// Commits leave folding the WAL to the checkpointer's thread: after `KICK_EVERY` of them it
+/// has run, and the store's connections would fold it themselves only at the backstop.
+#[tokio::test]
+async fn the_wal_is_folded_in_the_background_on_sqlite() {
+    use crp_provider::store::checkpoint::{BACKSTOP_PAGES, KICK_EVERY};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
+    store.migrate().await.unwrap();
+    let key = Key32::generate().unwrap();
+    let (w, task) = AuditLog::start(store.clone(), key.clone());
+    let mut done = w.background_checkpoints().expect("a file-backed store has a checkpointer");
+    for i in 0..KICK_EVERY {
+        w.append(AuditRecord::new("credential.used", &format!("fold-{i}"), "allow")).await.unwrap();
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(10), done.wait_for(|n| *n >= 1))
+        .await
+        .expect("a background checkpoint ran")
+        .unwrap();
+    assert_eq!(count(&store, "PRAGMA wal_autocheckpoint").await, i64::from(BACKSTOP_PAGES));
+    drop(w);
+    let _ = task.await;
+    let r = audit::verify(&store, &key).await.unwrap();
+    assert!(r.ok && r.entries == KICK_EVERY, "{r:?}");
+    store.close().await;
+
+    // No checkpointer where there is no WAL file.
+    let store = Store::open_url("sqlite::memory:").await.unwrap();
+    store.migrate().await.unwrap();
+    let (w, _task) = AuditLog::start(store, key);
+    assert!(w.background_checkpoints().is_none());
+}
+
 /// A lone append that finds the database locked by another connection (another process, in
 /// life) does not wait on the runtime's worker: it goes to the writer's thread, which waits for
 /// the lock, and commits once it is free. With one worker, a task spawned meanwhile still runs.

@@ -55,6 +55,7 @@ impl Direct {
             Durability::Os => "NORMAL",
         };
         conn.pragma_update(None, "synchronous", synchronous)?;
+        conn.pragma_update(None, "wal_autocheckpoint", crate::store::checkpoint::BACKSTOP_PAGES)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Self { conn, busy_timeout: BUSY_TIMEOUT })
     }

@@ -15,9 +15,12 @@
 //! The SQLite file is opened in WAL mode with `synchronous=FULL` (a commit that returned
 //! survives power loss), `busy_timeout` 10 s and foreign keys on. Under
 //! `[audit] durability = "os"` the audit writer's own connection uses `synchronous=NORMAL`
-//! (see [`crate::audit`]).
+//! (see [`crate::audit`]). WAL checkpoints run on a thread of their own ([`checkpoint`]), not
+//! inside a request's commit.
 //!
 //! This layer stores what it is given: sealing happens above it, so it never sees a secret.
+
+pub mod checkpoint;
 
 use std::path::Path;
 use std::str::FromStr;
@@ -135,7 +138,10 @@ impl Store {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(10))
-            .foreign_keys(true);
+            .foreign_keys(true)
+            // Checkpoints run on a thread of their own ([`checkpoint`]); a commit folds the
+            // WAL itself only past this backstop.
+            .pragma("wal_autocheckpoint", checkpoint::BACKSTOP_PAGES.to_string());
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(opts).await?;
         Ok(Store::Sqlite(pool))
     }
