@@ -458,6 +458,64 @@ struct Loaded {
     /// Each policy's `@outcome` and `@reason`, by id, read once at load (looking an annotation
     /// up in a `PolicySet` parses its key with Cedar's parser on every call).
     notes: HashMap<String, Note>,
+    /// Per action: whether no policy that can apply to it mentions `now` anywhere in its text
+    /// (see [`Decisions`]).
+    clockless: Vec<bool>,
+    /// Decisions already made under these policies.
+    decisions: Decisions,
+}
+
+/// Decisions memoised under one loaded policy set (a reload starts a new, empty one).
+///
+/// A decision is a pure function of the policies, the entities (built from the agent, its roles
+/// and the credential's key, service, classification and tags alone: see [`entities_for`]) and
+/// the request (action and context). The context's one input that is not the caller's is the
+/// clock, so only actions whose applicable policies never mention `now` are memoised; the test
+/// is on each policy's text, so a policy that names `now` anywhere (even in a string or an
+/// annotation) keeps its action out, which errs on the safe side. Everything else goes into
+/// the key, length-prefixed so that no two different inputs share one. A full memo starts over.
+#[derive(Default)]
+struct Decisions(std::sync::Mutex<HashMap<String, Decision>>);
+
+/// Entries kept in [`Decisions`] before it starts over.
+const DECISION_MEMO_ENTRIES: usize = 4096;
+
+/// A memo key: every part length-prefixed (no two different inputs share a key).
+struct MemoKey(String);
+
+impl MemoKey {
+    fn new() -> Self {
+        MemoKey(String::with_capacity(160))
+    }
+
+    fn part(&mut self, s: &str) -> &mut Self {
+        use std::fmt::Write;
+        let _ = write!(self.0, "{}:", s.len());
+        self.0.push_str(s);
+        self
+    }
+
+    fn list(&mut self, items: &[String]) -> &mut Self {
+        self.part(&items.len().to_string());
+        items.iter().for_each(|i| {
+            self.part(i);
+        });
+        self
+    }
+
+    fn optional(&mut self, s: Option<&str>) -> &mut Self {
+        match s {
+            None => self.part("-"),
+            Some(v) => self.part("+").part(v),
+        }
+    }
+
+    /// The inputs of the entities: agent, roles, credential.
+    fn entities(agent: &str, roles: &[String], cred: &CredentialAttrs) -> Self {
+        let mut k = MemoKey::new();
+        k.part(agent).list(roles).part(cred.key).part(cred.service).part(cred.classification.as_str()).list(cred.tags);
+        k
+    }
 }
 
 /// What a satisfied policy means: its graduated outcome (`@outcome`) and `@reason`.
@@ -567,17 +625,53 @@ impl PolicyEngine {
         if pset.is_empty() {
             return default_deny();
         }
-        let entities = match entities_for(st, agent, roles, cred) {
-            Ok(x) => x,
-            Err(msg) => return deny_internal(&msg),
-        };
-        let request = match build_request(st, agent, action, cred, ctx) {
-            Ok(x) => x,
-            Err(msg) => return deny_internal(&msg),
-        };
-        let resp = Authorizer::new().is_authorized(&request, pset, &entities);
-        graduate(&loaded.notes, &resp)
+        if !loaded.clockless[action.index()] {
+            return decide(st, &loaded, agent, roles, action, cred, ctx);
+        }
+        let mut key = MemoKey::entities(agent, roles, cred);
+        key.part(action.as_str())
+            .list(ctx.scopes)
+            .part(&ctx.ttl.to_string())
+            .optional(ctx.purpose)
+            .optional(ctx.consumer)
+            .part(&ctx.delegation_depth.to_string());
+        let key = key.0;
+        if let Ok(m) = loaded.decisions.0.lock()
+            && let Some(d) = m.get(&key)
+        {
+            return d.clone();
+        }
+        let d = decide(st, &loaded, agent, roles, action, cred, ctx);
+        if let Ok(mut m) = loaded.decisions.0.lock() {
+            if m.len() >= DECISION_MEMO_ENTRIES {
+                m.clear();
+            }
+            m.insert(key, d.clone());
+        }
+        d
     }
+}
+
+/// A decision made by Cedar (no memo).
+fn decide(
+    st: &Statics,
+    loaded: &Loaded,
+    agent: &str,
+    roles: &[String],
+    action: Action,
+    cred: &CredentialAttrs,
+    ctx: &AuthzContext,
+) -> Decision {
+    let entities = match entities_for(st, agent, roles, cred) {
+        Ok(x) => x,
+        Err(msg) => return deny_internal(&msg),
+    };
+    let request = match build_request(st, agent, action, cred, ctx) {
+        Ok(x) => x,
+        Err(msg) => return deny_internal(&msg),
+    };
+    let resp = Authorizer::new().is_authorized(&request, &loaded.per_action[action.index()], &entities);
+    graduate(&loaded.notes, &resp)
 }
 
 fn default_deny() -> Decision {
@@ -605,21 +699,7 @@ const ENTITY_MEMO_ENTRIES: usize = 4096;
 /// same ones were built before.
 fn entities_for(st: &Statics, agent: &str, roles: &[String], cred: &CredentialAttrs) -> Result<Arc<Entities>, String> {
     static MEMO: LazyLock<std::sync::Mutex<HashMap<String, Arc<Entities>>>> = LazyLock::new(Default::default);
-    // Every part length-prefixed: no two different inputs share a key.
-    let mut key = String::with_capacity(128);
-    let mut part = |s: &str| {
-        key.push_str(&s.len().to_string());
-        key.push(':');
-        key.push_str(s);
-    };
-    part(agent);
-    part(&roles.len().to_string());
-    roles.iter().for_each(|r| part(r));
-    part(cred.key);
-    part(cred.service);
-    part(cred.classification.as_str());
-    part(&cred.tags.len().to_string());
-    cred.tags.iter().for_each(|t| part(t));
+    let key = MemoKey::entities(agent, roles, cred).0;
     if let Ok(m) = MEMO.lock()
         && let Some(e) = m.get(&key)
     {
@@ -946,6 +1026,7 @@ fn load(src: &str) -> Result<Loaded, PolicyError> {
             buckets[a.index()].push(p.clone());
         }
     }
+    let clockless = buckets.iter().map(|ps| !ps.iter().any(|p| p.to_string().contains("now"))).collect();
     let per_action = buckets
         .into_iter()
         .map(PolicySet::from_policies)
@@ -966,6 +1047,8 @@ fn load(src: &str) -> Result<Loaded, PolicyError> {
         ids,
         per_action,
         notes,
+        clockless,
+        decisions: Decisions::default(),
     })
 }
 
@@ -1087,6 +1170,103 @@ mod tests {
             now: r.now,
         };
         e.authorize(r.agent, &r.roles, r.action, &cred, &ctx)
+    }
+
+    /// The decision Cedar makes for `r`, bypassing both memos (decisions and entities).
+    fn fresh(e: &PolicyEngine, r: &Req) -> Decision {
+        let cred = CredentialAttrs { key: r.key, service: r.service, classification: r.class, tags: &r.tags };
+        let ctx = AuthzContext {
+            scopes: &r.scopes,
+            ttl: r.ttl,
+            purpose: r.purpose,
+            consumer: r.consumer,
+            delegation_depth: r.depth,
+            now: r.now,
+        };
+        let (st, loaded) = (statics().unwrap(), e.current());
+        let entities = build_entities(st, r.agent, &r.roles, &cred).unwrap();
+        let request = build_request(st, r.agent, r.action, &cred, &ctx).unwrap();
+        let resp = Authorizer::new().is_authorized(&request, &loaded.per_action[r.action.index()], &entities);
+        graduate(&loaded.notes, &resp)
+    }
+
+    fn memoised(e: &PolicyEngine) -> usize {
+        e.current().decisions.0.lock().unwrap().len()
+    }
+
+    /// Every input of a decision matters to one of these policies.
+    const EVERY_INPUT: &str = r#"
+        @id("p1") permit (principal in Role::"deploy", action == Action::"use", resource)
+            when { resource.classification != "restricted" && context.ttl <= 600 };
+        @id("p2") @outcome("require_approval") permit (principal, action == Action::"use", resource)
+            when { context has purpose && context.purpose == "" };
+        @id("p3") forbid (principal, action, resource) when { context has consumer && context.consumer == "x" };
+        @id("p4") permit (principal == Agent::"a", action in [Action::"renew", Action::"delegate"], resource)
+            when { context.delegationDepth < 2 && resource.tags.contains("prod") };
+        @id("p5") permit (principal, action, resource)
+            when { context.scopes.contains("a,b") && resource.service == "s1" && resource.key == "k2" };
+        @id("p6") @outcome("quarantine") permit (principal in Role::"ops", action == Action::"use", resource)
+            when { resource.classificationLevel >= 2 && context has consumer };
+    "#;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 64, ..Default::default() })]
+        /// A walk through requests drawn from small sets, each step changing one input of the
+        /// one before (so that a key missing any input would answer with the previous step's
+        /// decision): each memoised decision is the one Cedar makes afresh.
+        #[test]
+        fn memoised_decisions_are_the_ones_cedar_makes(
+            start in proptest::prelude::any::<[u8; 12]>(),
+            steps in proptest::collection::vec((0usize..12, proptest::prelude::any::<u8>()), 1..80),
+        ) {
+            let e = PolicyEngine::new(EVERY_INPUT).unwrap();
+            let sets: [&[&str]; 4] = [&[], &["a,b"], &["a", "b"], &["b", "a,b"]];
+            let texts = [None, Some(""), Some("x"), Some("ci")];
+            let mut p = start;
+            for (input, value) in std::iter::once((0, start[0])).chain(steps) {
+                p[input] = value;
+                let r = Req {
+                    agent: ["a", "b"][usize::from(p[0] % 2)],
+                    roles: s([&[][..], &["deploy"], &["ops"], &["deploy", "ops"]][usize::from(p[1] % 4)]),
+                    action: [Action::Use, Action::Renew, Action::Delegate][usize::from(p[2] % 3)],
+                    key: ["k1", "k2"][usize::from(p[3] % 2)],
+                    service: ["s1", "s2"][usize::from(p[4] % 2)],
+                    class: [Classification::Public, Classification::Internal, Classification::Confidential, Classification::Restricted][usize::from(p[5] % 4)],
+                    tags: s([&[][..], &["prod"], &["dev"], &["prod", "dev"]][usize::from(p[6] % 4)]),
+                    scopes: s(sets[usize::from(p[7] % 4)]),
+                    ttl: [50, 600, 601][usize::from(p[8] % 3)],
+                    purpose: texts[usize::from(p[9] % 4)],
+                    consumer: texts[usize::from(p[10] % 4)],
+                    depth: u32::from(p[11] % 3),
+                    ..Default::default()
+                };
+                proptest::prop_assert_eq!(run(&e, &r), fresh(&e, &r), "after setting input {}", input);
+            }
+            proptest::prop_assert!(memoised(&e) > 0);
+        }
+    }
+
+    #[test]
+    fn a_decision_that_can_depend_on_the_clock_is_never_memoised() {
+        let e = PolicyEngine::new(
+            r#"@id("day") permit (principal, action == Action::"use", resource);
+               @id("night") @outcome("quarantine") permit (principal, action == Action::"use", resource)
+                   when { context.now.toTime() > duration("20h") };
+               @id("renew") permit (principal, action == Action::"renew", resource);"#,
+        )
+        .unwrap();
+        let day = Req { now: datetime!(2026-05-20 12:00 UTC), ..Default::default() };
+        let night = Req { now: datetime!(2026-05-20 22:00 UTC), ..Default::default() };
+        assert_eq!(run(&e, &day).outcome, Outcome::Allow);
+        assert_eq!(run(&e, &night).outcome, Outcome::Quarantine);
+        assert_eq!(run(&e, &day).outcome, Outcome::Allow);
+        assert_eq!(memoised(&e), 0, "`use` has a policy that reads the clock");
+        // `renew` has none: its decisions are memoised, and a reload starts over.
+        let renew = Req { action: Action::Renew, ..Default::default() };
+        assert_eq!(run(&e, &renew).outcome, Outcome::Allow);
+        assert_eq!(memoised(&e), 1);
+        e.replace(r#"@id("nothing") forbid (principal, action, resource);"#).unwrap();
+        assert_eq!(run(&e, &renew).outcome, Outcome::Deny);
     }
 
     #[test]
