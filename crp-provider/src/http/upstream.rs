@@ -14,8 +14,8 @@
 //!
 //! Why not reqwest, which the broker still uses: a proxy does not need its URL type, redirect
 //! policy or per-request client layers, and on the proxy benchmark's hot path they cost
-//! 8–20 µs of CPU per request (a bare hyper proxy against the same proxy sending through
-//! reqwest, 64 connections), against ~20 µs for the whole of the bare proxy.
+//! 7–26 µs of CPU per request (a bare hyper proxy against the same proxy sending through
+//! reqwest, 64 connections), against 20–26 µs for the whole of the bare proxy.
 
 use std::collections::HashMap;
 use std::future::Future;
