@@ -1154,26 +1154,8 @@ mod tests {
         }
     }
 
-    fn run(e: &PolicyEngine, r: &Req) -> Decision {
-        let cred = CredentialAttrs {
-            key: r.key,
-            service: r.service,
-            classification: r.class,
-            tags: &r.tags,
-        };
-        let ctx = AuthzContext {
-            scopes: &r.scopes,
-            ttl: r.ttl,
-            purpose: r.purpose,
-            consumer: r.consumer,
-            delegation_depth: r.depth,
-            now: r.now,
-        };
-        e.authorize(r.agent, &r.roles, r.action, &cred, &ctx)
-    }
-
-    /// The decision Cedar makes for `r`, bypassing both memos (decisions and entities).
-    fn fresh(e: &PolicyEngine, r: &Req) -> Decision {
+    /// `f` on the credential and the context `r` describes.
+    fn with_inputs<T>(r: &Req, f: impl FnOnce(&CredentialAttrs, &AuthzContext) -> T) -> T {
         let cred = CredentialAttrs { key: r.key, service: r.service, classification: r.class, tags: &r.tags };
         let ctx = AuthzContext {
             scopes: &r.scopes,
@@ -1183,11 +1165,22 @@ mod tests {
             delegation_depth: r.depth,
             now: r.now,
         };
-        let (st, loaded) = (statics().unwrap(), e.current());
-        let entities = build_entities(st, r.agent, &r.roles, &cred).unwrap();
-        let request = build_request(st, r.agent, r.action, &cred, &ctx).unwrap();
-        let resp = Authorizer::new().is_authorized(&request, &loaded.per_action[r.action.index()], &entities);
-        graduate(&loaded.notes, &resp)
+        f(&cred, &ctx)
+    }
+
+    fn run(e: &PolicyEngine, r: &Req) -> Decision {
+        with_inputs(r, |cred, ctx| e.authorize(r.agent, &r.roles, r.action, cred, ctx))
+    }
+
+    /// The decision Cedar makes for `r`, bypassing both memos (decisions and entities).
+    fn fresh(e: &PolicyEngine, r: &Req) -> Decision {
+        with_inputs(r, |cred, ctx| {
+            let (st, loaded) = (statics().unwrap(), e.current());
+            let entities = build_entities(st, r.agent, &r.roles, cred).unwrap();
+            let request = build_request(st, r.agent, r.action, cred, ctx).unwrap();
+            let resp = Authorizer::new().is_authorized(&request, &loaded.per_action[r.action.index()], &entities);
+            graduate(&loaded.notes, &resp)
+        })
     }
 
     fn memoised(e: &PolicyEngine) -> usize {

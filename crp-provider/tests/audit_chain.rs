@@ -187,8 +187,7 @@ async fn exact_values(store: Store, nul: bool) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_entries_are_exact_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
-    store.migrate().await.unwrap();
+    let store = sqlite_store(dir.path()).await;
     exact_values(store.clone(), true).await;
     store.close().await;
 }
@@ -211,8 +210,7 @@ async fn stored_entries_are_exact_on_postgres() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queue_longer_than_a_batch_commits_exactly_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
-    store.migrate().await.unwrap();
+    let store = sqlite_store(dir.path()).await;
     let key = Key32::generate().unwrap();
     let (w, task) = AuditLog::start(store.clone(), key.clone());
     let tasks: Vec<_> = (0..600)
@@ -335,8 +333,7 @@ async fn a_lone_append_commits_itself_and_the_chain_stays_exact_on_sqlite() {
 async fn the_wal_is_folded_in_the_background_on_sqlite() {
     use crp_provider::store::checkpoint::{BACKSTOP_PAGES, KICK_EVERY};
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
-    store.migrate().await.unwrap();
+    let store = sqlite_store(dir.path()).await;
     let key = Key32::generate().unwrap();
     let (w, task) = AuditLog::start(store.clone(), key.clone());
     let mut done = w.background_checkpoints().expect("a file-backed store has a checkpointer");
@@ -367,8 +364,7 @@ async fn the_wal_is_folded_in_the_background_on_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn a_lone_append_never_waits_for_a_lock_on_a_runtime_worker() {
     let dir = tempfile::tempdir().unwrap();
-    let store = Store::open_sqlite(&dir.path().join("vault.db")).await.unwrap();
-    store.migrate().await.unwrap();
+    let store = sqlite_store(dir.path()).await;
     let key = Key32::generate().unwrap();
     let (w, _task) = AuditLog::start(store.clone(), key.clone());
     // The first append reads the head and the second opens the writer's connection.
@@ -399,9 +395,15 @@ async fn a_lone_append_never_waits_for_a_lock_on_a_runtime_worker() {
 
 /// A migrated SQLite store in `dir` whose database refuses any audit entry from the requester
 /// `poison` (a trigger stands in for a failing disk).
-async fn sqlite_store_refusing_poison(dir: &std::path::Path) -> Store {
+/// A migrated SQLite store in `dir`.
+async fn sqlite_store(dir: &std::path::Path) -> Store {
     let store = Store::open_sqlite(&dir.join("vault.db")).await.unwrap();
     store.migrate().await.unwrap();
+    store
+}
+
+async fn sqlite_store_refusing_poison(dir: &std::path::Path) -> Store {
+    let store = sqlite_store(dir).await;
     let Store::Sqlite(pool) = &store else { unreachable!("sqlite store") };
     sqlx::query("CREATE TRIGGER refuse_poison BEFORE INSERT ON audit WHEN NEW.requester = 'poison' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
         .execute(pool)
