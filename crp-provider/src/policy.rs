@@ -471,8 +471,8 @@ struct Loaded {
 /// and the credential's key, service, classification and tags alone: see [`entities_for`]) and
 /// the request (action and context). The context's one input that is not the caller's is the
 /// clock, so only actions whose applicable policies never mention `now` are memoised; the test
-/// is on each policy's text, so a policy that names `now` anywhere (even in a string or an
-/// annotation) keeps its action out, which errs on the safe side. Everything else goes into
+/// is on each policy's JSON form ([`mentions_now`]), so a policy that names `now` anywhere (even
+/// in a string or an annotation) keeps its action out, which errs on the safe side. Everything else goes into
 /// the key, length-prefixed so that no two different inputs share one. A full memo starts over.
 #[derive(Default)]
 struct Decisions(std::sync::Mutex<HashMap<String, Decision>>);
@@ -1026,7 +1026,7 @@ fn load(src: &str) -> Result<Loaded, PolicyError> {
             buckets[a.index()].push(p.clone());
         }
     }
-    let clockless = buckets.iter().map(|ps| !ps.iter().any(|p| p.to_string().contains("now"))).collect();
+    let clockless = buckets.iter().map(|ps| !ps.iter().any(mentions_now)).collect();
     let per_action = buckets
         .into_iter()
         .map(PolicySet::from_policies)
@@ -1050,6 +1050,13 @@ fn load(src: &str) -> Result<Loaded, PolicyError> {
         clockless,
         decisions: Decisions::default(),
     })
+}
+
+/// Whether `now` appears anywhere in the policy: in its JSON form (Cedar's EST), where string
+/// escapes are decoded, so `context["no\u{77}"]` is caught as well as `context.now`. A policy
+/// that cannot be rendered so counts as mentioning it.
+fn mentions_now(p: &Policy) -> bool {
+    p.to_json().map_or(true, |json| json.to_string().contains("now"))
 }
 
 /// The actions named by an action scope. An id that is not one of ours (impossible after
@@ -1254,6 +1261,16 @@ mod tests {
         assert_eq!(run(&e, &night).outcome, Outcome::Quarantine);
         assert_eq!(run(&e, &day).outcome, Outcome::Allow);
         assert_eq!(memoised(&e), 0, "`use` has a policy that reads the clock");
+        // The same, spelt with a string escape: still the clock.
+        let escaped = PolicyEngine::new(
+            r#"@id("day") permit (principal, action == Action::"use", resource);
+               @id("night") @outcome("quarantine") permit (principal, action == Action::"use", resource)
+                   when { context["no\u{77}"].toTime() > duration("20h") };"#,
+        )
+        .unwrap();
+        assert_eq!(run(&escaped, &day).outcome, Outcome::Allow);
+        assert_eq!(run(&escaped, &night).outcome, Outcome::Quarantine);
+        assert_eq!(memoised(&escaped), 0);
         // `renew` has none: its decisions are memoised, and a reload starts over.
         let renew = Req { action: Action::Renew, ..Default::default() };
         assert_eq!(run(&e, &renew).outcome, Outcome::Allow);
