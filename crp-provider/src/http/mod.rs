@@ -5,7 +5,8 @@
 //! - `GET /.well-known/crp`, `GET /healthz` ([`discovery`]), `GET /metrics` ([`metrics`]);
 //! - `POST /api/v1/agents/register` ([`register`]);
 //! - `ANY /api/v1/proxy/t/{leaseId}/{rest}` ([`proxy`]): the injecting reverse proxy, with the
-//!   egress guard ([`egress`]) and response redaction ([`redact`]);
+//!   egress guard ([`egress`]), its upstream client ([`upstream`]) and response redaction
+//!   ([`redact`]);
 //! - `serve --stdio` ([`stdio`]) and `serve --dev` ([`dev`]); the clap arguments ([`cli`]).
 //!
 //! Library use (the MCP adapter's embedded mode, tests, benchmarks):
