@@ -1,12 +1,14 @@
 //! The dispatcher: raw JSON-RPC in, raw JSON-RPC out, calls on a [`Provider`] in between.
 //!
-//! It owns everything that is the same on every transport: envelope checks, batches,
+//! It owns everything that is the same on every transport: envelope checks, batches (whose
+//! members run concurrently, as JSON-RPC 2.0 allows; answers keep the batch's order),
 //! notifications, method routing, version gating (`crp/resolve` only under 0.1), params
 //! decoding and validation. Decoding errors are rewritten so that no value the caller sent
 //! is echoed back (a misplaced secret must not come back in an error).
 
 use std::sync::Arc;
 
+use futures_util::future::join_all;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -84,12 +86,12 @@ impl<P: Provider + ?Sized> Dispatcher<P> {
                 CrpError::invalid_request(format!("batch too large: at most {MAX_BATCH} requests")),
             ))),
             Ok(Incoming::Batch(items)) => {
-                let mut out = Vec::with_capacity(items.len());
-                for item in items {
-                    if let Some(r) = self.handle_one(ctx, item).await {
-                        out.push(r);
-                    }
-                }
+                // JSON-RPC 2.0 §6 lets a server run a batch's members concurrently, in any
+                // order. Doing so lets the provider commit them together (one group commit for
+                // a batch of `crp/use`, instead of one durable commit each); the answers keep
+                // the batch's order all the same.
+                let answers = join_all(items.into_iter().map(|item| self.handle_one(ctx, item))).await;
+                let out: Vec<Response> = answers.into_iter().flatten().collect();
                 (!out.is_empty()).then_some(Outgoing::Batch(out))
             }
         }

@@ -778,6 +778,47 @@ fn an_oversized_batch_is_refused_whole() {
     assert_eq!(v["id"], Value::Null);
 }
 
+/// Answers `crp/use` only once every one of `n` calls has arrived: a dispatcher that ran a
+/// batch's members one after the other would never answer.
+struct Gathering(tokio::sync::Barrier);
+
+#[async_trait]
+impl Provider for Gathering {
+    fn capability(&self, v: Version) -> Capability {
+        Capability { version: v.to_string(), versions: vec![], provider: None, features: vec![Feature::Use], conformance: None }
+    }
+    async fn use_credential(&self, _: &CallContext, p: UseParams) -> Result<UseResult, CrpError> {
+        self.0.wait().await;
+        Err(CrpError::service_not_found(&p.service))
+    }
+}
+
+#[test]
+fn a_batch_runs_its_members_concurrently_and_answers_in_its_order() {
+    const N: usize = 8;
+    let mut batch: Vec<Value> =
+        (0..N).map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "crp/use", "params": {"service": format!("s{i}")}})).collect();
+    // A notification among them is run too (it holds a place at the barrier) but not answered.
+    batch.insert(3, json!({"jsonrpc": "2.0", "method": "crp/use", "params": {"service": "quiet"}}));
+    let d = Dispatcher::new(Arc::new(Gathering(tokio::sync::Barrier::new(N + 1))));
+    let ctx = CallContext::new("batch", Transport::InProcess);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_time().build().expect("runtime");
+    let text = rt
+        .block_on(async {
+            let message = Value::Array(batch).to_string();
+            tokio::time::timeout(std::time::Duration::from_secs(10), d.handle_bytes(&ctx, message.as_bytes())).await
+        })
+        .expect("the batch's members ran concurrently (one after the other they wait forever)")
+        .expect("answered");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    let items = v.as_array().expect("an array");
+    assert_eq!(items.len(), N, "{text}");
+    for (i, item) in items.iter().enumerate() {
+        assert_eq!(item["id"], i, "answers keep the batch's order: {text}");
+        assert_eq!(item["error"]["code"], -33002, "{text}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Secrets in Debug output.
 

@@ -173,3 +173,53 @@ async fn stdio_speaks_ndjson_as_the_owner() {
     tokio::time::timeout(std::time::Duration::from_secs(10), task).await.expect("stdio loop ends at EOF").unwrap().unwrap();
     server.shutdown().await;
 }
+
+/// A counter from `/metrics`.
+async fn metric(base: &str, name: &str) -> u64 {
+    let text = client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let line = text.lines().find(|l| l.split_once(' ').is_some_and(|(n, _)| n == name)).unwrap_or_else(|| panic!("no {name} in {text}"));
+    line.rsplit(' ').next().and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("unreadable {line}"))
+}
+
+/// The members of a batch run concurrently (JSON-RPC 2.0 §6 allows it), so a batch of
+/// `crp/use` or of releases shares durable commits instead of taking one each; the answers keep
+/// the batch's order, and every lease and audit entry is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_of_uses_and_releases_shares_commits() {
+    const N: usize = 32;
+    let (vault, _dir) = vault_with(DOC).await;
+    let server = serve(&vault, true).await;
+    let base = server.base_url();
+    let (commits0, entries0) = (metric(&base, "crp_audit_commits_total").await, metric(&base, "crp_audit_entries_total").await);
+
+    let uses: Vec<Value> =
+        (0..N).map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "crp/use", "params": {"service": "svc", "ttl": 300}})).collect();
+    let (s, _, text) = post_raw(&base, serde_json::to_vec(&uses).unwrap(), None).await;
+    assert_eq!(s, 200, "{text}");
+    let answers: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(answers.len(), N, "{text}");
+    let mut ids = Vec::new();
+    for (i, a) in answers.iter().enumerate() {
+        assert_eq!(a["id"], i, "answers keep the batch's order: {text}");
+        ids.push(a["result"]["lease"]["id"].as_str().unwrap_or_else(|| panic!("{a}")).to_string());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N, "every use got its own lease");
+    let (commits1, entries1) = (metric(&base, "crp_audit_commits_total").await, metric(&base, "crp_audit_entries_total").await);
+    assert!(entries1 - entries0 >= N as u64, "{N} uses wrote {} audit entries", entries1 - entries0);
+    assert!(commits1 - commits0 <= (N / 4) as u64, "a batch of {N} uses took {} commits", commits1 - commits0);
+
+    let releases: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| json!({"jsonrpc": "2.0", "id": i, "method": "crp/lease", "params": {"leaseId": id, "action": "release"}}))
+        .collect();
+    let (s, _, text) = post_raw(&base, serde_json::to_vec(&releases).unwrap(), None).await;
+    assert_eq!(s, 200, "{text}");
+    let answers: Vec<Value> = serde_json::from_str(&text).unwrap();
+    assert!(answers.iter().enumerate().all(|(i, a)| a["id"] == i && a.get("error").is_none()), "{text}");
+    let commits2 = metric(&base, "crp_audit_commits_total").await;
+    assert!(commits2 - commits1 <= (N / 4) as u64, "a batch of {N} releases took {} commits", commits2 - commits1);
+    assert_eq!(metric(&base, "crp_leases_active").await, 0);
+}

@@ -366,7 +366,27 @@ impl RpcClient {
 
     /// Call `method`; the `result` or an error naming the JSON-RPC error.
     pub async fn call(&self, method: &str, params: Value) -> anyhow::Result<Value> {
-        let body = serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}))?;
+        let v = self.post(json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params})).await?;
+        result_of(&v)
+    }
+
+    /// Call `method` once per entry of `params`, in one JSON-RPC batch (one signed request);
+    /// the results in order, or the first error.
+    pub async fn call_batch(&self, method: &str, params: Vec<Value>) -> anyhow::Result<Vec<Value>> {
+        let n = params.len();
+        let calls: Vec<Value> =
+            params.into_iter().enumerate().map(|(i, p)| json!({"jsonrpc": "2.0", "id": i, "method": method, "params": p})).collect();
+        let v = self.post(Value::Array(calls)).await?;
+        let answers = v.as_array().ok_or_else(|| anyhow!("a batch was answered with {v}"))?;
+        if answers.len() != n {
+            bail!("a batch of {n} got {} answers", answers.len());
+        }
+        answers.iter().map(result_of).collect()
+    }
+
+    /// POST a signed message to `/crp`; the parsed answer.
+    async fn post(&self, message: Value) -> anyhow::Result<Value> {
+        let body = serde_json::to_vec(&message)?;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs() as i64;
         let nonce = signing::new_nonce().map_err(|e| anyhow!("nonce: {e}"))?;
         let sig = signing::sign_request(&self.key, &self.agent, "POST", &self.host, "/crp", &body, now, nonce);
@@ -380,12 +400,16 @@ impl RpcClient {
         if status != 200 {
             bail!("HTTP {status}: {}", String::from_utf8_lossy(&bytes).chars().take(200).collect::<String>());
         }
-        let v: Value = serde_json::from_slice(&bytes)?;
-        if let Some(e) = v.get("error") {
-            bail!("JSON-RPC error {}: {}", e.get("code").unwrap_or(&Value::Null), e.get("message").unwrap_or(&Value::Null));
-        }
-        v.get("result").cloned().ok_or_else(|| anyhow!("no result in {v}"))
+        Ok(serde_json::from_slice(&bytes)?)
     }
+}
+
+/// The `result` of one JSON-RPC answer, or an error naming its error.
+fn result_of(v: &Value) -> anyhow::Result<Value> {
+    if let Some(e) = v.get("error") {
+        bail!("JSON-RPC error {}: {}", e.get("code").unwrap_or(&Value::Null), e.get("message").unwrap_or(&Value::Null));
+    }
+    v.get("result").cloned().ok_or_else(|| anyhow!("no result in {v}"))
 }
 
 /// A lease obtained through `crp/use`.

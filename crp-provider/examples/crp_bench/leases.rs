@@ -1,6 +1,8 @@
 //! Lease path: `crp/use` followed by `crp/lease` release, with durable audit, (a) over HTTP
-//! against `crp-provider serve` with Ed25519-signed requests, (b) in process through
-//! `crp_core::Provider` on a `Vault` (no HTTP, no signatures), at several concurrencies.
+//! against `crp-provider serve` with Ed25519-signed requests, one lease per request and in
+//! JSON-RPC batches (N uses in one signed request, then their N releases in another), (b) in
+//! process through `crp_core::Provider` on a `Vault` (no HTTP, no signatures), at several
+//! concurrencies.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ pub struct LeaseArgs {
     pub server: ServerCmd,
     pub duration: f64,
     pub clients: Vec<u32>,
+    pub batch: Vec<u32>,
 }
 
 #[derive(Default)]
@@ -31,7 +34,7 @@ struct Tally {
 }
 
 struct Row {
-    mode: &'static str,
+    mode: String,
     clients: u32,
     pairs: u64,
     secs: f64,
@@ -48,11 +51,12 @@ fn use_params() -> UseParams {
     UseParams { service: SERVICE.into(), scopes: vec![], ttl: Some(600), delegation: None, identity_scope: None, context: None }
 }
 
-/// Run `clients` workers for `secs`, each looping `op` (which returns the two latencies).
+/// Run `clients` workers for `secs`, each looping `op` (which returns the two latencies and
+/// the pairs it completed).
 async fn drive<F, Fut>(clients: u32, secs: f64, op: F) -> (u64, f64, Tally)
 where
     F: Fn() -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = anyhow::Result<(Duration, Duration)>> + Send,
+    Fut: std::future::Future<Output = anyhow::Result<(Duration, Duration, u64)>> + Send,
 {
     let tally = Arc::new(Mutex::new(Tally::default()));
     let done = Arc::new(AtomicU64::new(0));
@@ -65,10 +69,10 @@ where
             let mut local = Tally::default();
             while Instant::now() < deadline {
                 match op().await {
-                    Ok((u, r)) => {
+                    Ok((u, r, n)) => {
                         local.use_lat.push(u);
                         local.release_lat.push(r);
-                        done.fetch_add(1, Ordering::Relaxed);
+                        done.fetch_add(n, Ordering::Relaxed);
                     }
                     Err(e) => {
                         if local.errors.len() < 3 {
@@ -95,7 +99,7 @@ where
     (done.load(Ordering::Relaxed), secs, tally)
 }
 
-fn row(mode: &'static str, clients: u32, pairs: u64, secs: f64, t: Tally, cpu: f64, own_cpu: f64) -> Row {
+fn row(mode: String, clients: u32, pairs: u64, secs: f64, t: Tally, cpu: f64, own_cpu: f64) -> Row {
     let first_error = t.errors.iter().find(|e| !e.is_empty()).cloned();
     Row {
         mode,
@@ -126,28 +130,44 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
         let h = use_handle(&v)?;
         rpc.call("crp/lease", json!({"action": "release", "leaseId": h.lease_id})).await.context("release over HTTP")?;
         let tick = us_per_tick();
-        for &c in &a.clients {
-            let rpc = rpc.clone();
-            let before = proc_ticks(server.pid()).unwrap_or(0);
-            let own_before = proc_ticks(std::process::id()).unwrap_or(0);
-            let (pairs, secs, tally) = drive(c, a.duration, move || {
+        for &b in &a.batch {
+            for &c in &a.clients {
                 let rpc = rpc.clone();
-                async move {
-                    let t0 = Instant::now();
-                    let v = rpc.call("crp/use", json!({"service": SERVICE, "ttl": 600})).await?;
-                    let t1 = Instant::now();
-                    let id = v.pointer("/lease/id").and_then(|x| x.as_str()).ok_or_else(|| anyhow!("no lease id"))?.to_string();
-                    rpc.call("crp/lease", json!({"action": "release", "leaseId": id})).await?;
-                    Ok((t1 - t0, t1.elapsed()))
-                }
-            })
-            .await;
-            let after = proc_ticks(server.pid()).unwrap_or(0);
-            let own_after = proc_ticks(std::process::id()).unwrap_or(0);
-            let cpu = after.saturating_sub(before) as f64 * tick / pairs.max(1) as f64;
-            let own = own_after.saturating_sub(own_before) as f64 * tick / pairs.max(1) as f64;
-            rows.push(row("HTTP (signed) → crp-provider serve", c, pairs, secs, tally, cpu, own));
-            eprintln!("  leases over HTTP c={c}: {pairs} pairs in {secs:.1}s");
+                let before = proc_ticks(server.pid()).unwrap_or(0);
+                let own_before = proc_ticks(std::process::id()).unwrap_or(0);
+                let (pairs, secs, tally) = drive(c, a.duration, move || {
+                    let rpc = rpc.clone();
+                    async move {
+                        if b <= 1 {
+                            let t0 = Instant::now();
+                            let v = rpc.call("crp/use", json!({"service": SERVICE, "ttl": 600})).await?;
+                            let t1 = Instant::now();
+                            let id = lease_id(&v)?;
+                            rpc.call("crp/lease", json!({"action": "release", "leaseId": id})).await?;
+                            return Ok((t1 - t0, t1.elapsed(), 1));
+                        }
+                        let t0 = Instant::now();
+                        let uses = rpc.call_batch("crp/use", vec![json!({"service": SERVICE, "ttl": 600}); b as usize]).await?;
+                        let t1 = Instant::now();
+                        let releases =
+                            uses.iter().map(|v| Ok(json!({"action": "release", "leaseId": lease_id(v)?}))).collect::<anyhow::Result<Vec<_>>>()?;
+                        rpc.call_batch("crp/lease", releases).await?;
+                        Ok((t1 - t0, t1.elapsed(), u64::from(b)))
+                    }
+                })
+                .await;
+                let after = proc_ticks(server.pid()).unwrap_or(0);
+                let own_after = proc_ticks(std::process::id()).unwrap_or(0);
+                let cpu = after.saturating_sub(before) as f64 * tick / pairs.max(1) as f64;
+                let own = own_after.saturating_sub(own_before) as f64 * tick / pairs.max(1) as f64;
+                let mode = if b <= 1 {
+                    "HTTP (signed) → crp-provider serve".to_string()
+                } else {
+                    format!("HTTP (signed), batches of {b} → crp-provider serve")
+                };
+                rows.push(row(mode, c, pairs, secs, tally, cpu, own));
+                eprintln!("  leases over HTTP c={c} batch={b}: {pairs} pairs in {secs:.1}s");
+            }
         }
         drop(server);
     }
@@ -171,12 +191,12 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
                         .lease(&ctx, LeaseParams { action: LeaseAction::Release, lease_id: r.lease.id, ttl: None })
                         .await
                         .map_err(|e| anyhow!("release: {e}"))?;
-                    Ok((t1 - t0, t1.elapsed()))
+                    Ok((t1 - t0, t1.elapsed(), 1))
                 }
             })
             .await;
             let own = proc_ticks(std::process::id()).unwrap_or(0).saturating_sub(own_before) as f64 * tick / pairs.max(1) as f64;
-            rows.push(row("in-process Provider (Vault)", c, pairs, secs, tally, f64::NAN, own));
+            rows.push(row("in-process Provider (Vault)".into(), c, pairs, secs, tally, f64::NAN, own));
             eprintln!("  leases in process c={c}: {pairs} pairs in {secs:.1}s");
         }
         vault.shutdown().await;
@@ -184,6 +204,10 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
 
     let mut ok = true;
     println!("### Lease path: crp/use + release, durable audit ({} s per run)\n", a.duration);
+    println!(
+        "Batched rows: each client sends N `crp/use` in one signed JSON-RPC batch, then their N releases in another; \
+         latencies are per batch.\n"
+    );
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     println!("| mode | clients | leases/s (use+release pairs) | use p50 | use p99 | release p50 | release p99 | server CPU µs/pair | bench CPU µs/pair | CPU-bound ceiling | errors |");
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
@@ -223,6 +247,10 @@ pub async fn run(a: LeaseArgs) -> anyhow::Result<bool> {
          CPU-bound ceiling: pairs/s if all {cores} cores ran only server and bench at the measured CPU per pair.\n"
     );
     Ok(ok)
+}
+
+fn lease_id(use_result: &serde_json::Value) -> anyhow::Result<String> {
+    use_result.pointer("/lease/id").and_then(|x| x.as_str()).map(str::to_string).ok_or_else(|| anyhow!("no lease id in {use_result}"))
 }
 
 /// Pairs per second `cores` could sustain at `server_us` + `bench_us` CPU per pair.

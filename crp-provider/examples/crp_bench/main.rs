@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! crp_bench proxy  --upstream-bin B --server-bin S [--floor-bin F] [--duration 10] [--conns 1,16,64] [--nginx-workers 1,auto]
-//! crp_bench leases --server-bin S [--duration 5] [--clients 1,64]
+//! crp_bench leases --server-bin S [--duration 5] [--clients 1,64] [--batch 1,16]
 //! crp_bench audit  --work W [--durability fsync|os] [--duration 4] [--concurrency 1,8,64]
 //! crp_bench scale  [--sizes 10000,100000,1000000] [--iters 200] [--tree 100000]
 //! crp_bench mcp-home --home H [--credentials 10000]   # a keyfile vault for the crp-mcp timings
@@ -85,6 +85,10 @@ enum Cmd {
         /// Concurrent clients.
         #[arg(long, value_parser = list_u32, default_value = "1,64")]
         clients: ::std::vec::Vec<u32>,
+        /// Leases per signed HTTP request: 1 is one `crp/use` per request; N sends a JSON-RPC
+        /// batch of N `crp/use`, then one of their N releases.
+        #[arg(long, value_parser = list_u32, default_value = "1,16")]
+        batch: ::std::vec::Vec<u32>,
     },
     /// The audit writer alone, in process: appends/s and CPU per entry by concurrency.
     Audit {
@@ -156,8 +160,8 @@ fn main() -> ExitCode {
                 })
                 .await
             }
-            Cmd::Leases { work, server_bin, duration, clients } => {
-                leases::run(leases::LeaseArgs { work, server: common::ServerCmd { bin: server_bin }, duration, clients }).await
+            Cmd::Leases { work, server_bin, duration, clients, batch } => {
+                leases::run(leases::LeaseArgs { work, server: common::ServerCmd { bin: server_bin }, duration, clients, batch }).await
             }
             Cmd::Audit { work, durability, duration, concurrency } => {
                 audit::run(audit::AuditArgs { work, durability, duration, concurrency }).await

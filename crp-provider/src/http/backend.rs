@@ -31,6 +31,9 @@ pub struct Gauges {
     pub leases_active: Option<u64>,
     /// Audit records queued and not yet durable.
     pub audit_queue_depth: Option<u64>,
+    /// Audit transactions this process has committed, and the entries they held: their ratio
+    /// is how well group commit is batching.
+    pub audit_commits: Option<(u64, u64)>,
 }
 
 /// What the HTTP server needs from a vault.

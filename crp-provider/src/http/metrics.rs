@@ -9,6 +9,8 @@
 //! - `crp_proxy_bytes_total{direction}`: body bytes sent upstream (`in`) and back (`out`);
 //! - `crp_proxy_redactions_total`: echoed secrets replaced;
 //! - `crp_leases_active`, `crp_audit_queue_depth`: gauges from the vault;
+//! - `crp_audit_commits_total`, `crp_audit_entries_total`: audit transactions this process
+//!   committed and the entries they held (entries per commit: how well group commit batches);
 //! - `crp_auth_replay_cache_entries`: nonces held.
 
 use std::collections::BTreeMap;
@@ -139,6 +141,14 @@ impl Metrics {
             out.push_str("# TYPE crp_audit_queue_depth gauge\n");
             let _ = writeln!(out, "crp_audit_queue_depth {n}");
         }
+        if let Some((commits, entries)) = gauges.audit_commits {
+            out.push_str("# HELP crp_audit_commits_total Audit transactions committed by this process.\n");
+            out.push_str("# TYPE crp_audit_commits_total counter\n");
+            let _ = writeln!(out, "crp_audit_commits_total {commits}");
+            out.push_str("# HELP crp_audit_entries_total Audit entries written by this process.\n");
+            out.push_str("# TYPE crp_audit_entries_total counter\n");
+            let _ = writeln!(out, "crp_audit_entries_total {entries}");
+        }
         out.push_str("# HELP crp_auth_replay_cache_entries Nonces remembered for replay protection.\n");
         out.push_str("# TYPE crp_auth_replay_cache_entries gauge\n");
         let _ = writeln!(out, "crp_auth_replay_cache_entries {replay_entries}");
@@ -157,13 +167,15 @@ mod tests {
         m.request("crp", 200);
         m.request("proxy", 403);
         m.observe_latency(Duration::from_millis(3));
-        let t = m.render(Gauges { leases_active: Some(2), audit_queue_depth: Some(0) }, 5);
+        let t = m.render(Gauges { leases_active: Some(2), audit_queue_depth: Some(0), audit_commits: Some((3, 7)) }, 5);
         assert!(t.contains("crp_http_requests_total{route=\"crp\",status=\"200\"} 2"), "{t}");
         assert!(t.contains("crp_http_requests_total{route=\"proxy\",status=\"403\"} 1"), "{t}");
         assert!(t.contains("crp_proxy_upstream_latency_seconds_bucket{le=\"0.005\"} 1"), "{t}");
         assert!(t.contains("crp_proxy_upstream_latency_seconds_bucket{le=\"0.0025\"} 0"), "{t}");
         assert!(t.contains("crp_leases_active 2"), "{t}");
         assert!(t.contains("crp_audit_queue_depth 0"), "{t}");
+        assert!(t.contains("crp_audit_commits_total 3\n"), "{t}");
+        assert!(t.contains("crp_audit_entries_total 7\n"), "{t}");
         assert_eq!(m.request_count("crp", 200), 2);
     }
 }

@@ -72,7 +72,11 @@ impl Backend for Vault {
 
     async fn gauges(&self) -> Gauges {
         let leases_active = Vault::active_lease_count(self).await.ok().map(|n| n.max(0) as u64);
-        Gauges { leases_active, audit_queue_depth: Some(Vault::audit_queue_depth(self) as u64) }
+        Gauges {
+            leases_active,
+            audit_queue_depth: Some(Vault::audit_queue_depth(self) as u64),
+            audit_commits: Some(Vault::audit_stats(self)),
+        }
     }
 
     async fn shutdown(&self) {
