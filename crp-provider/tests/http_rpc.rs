@@ -208,7 +208,13 @@ async fn a_batch_of_uses_and_releases_shares_commits() {
     assert_eq!(ids.len(), N, "every use got its own lease");
     let (commits1, entries1) = (metric(&base, "crp_audit_commits_total").await, metric(&base, "crp_audit_entries_total").await);
     assert!(entries1 - entries0 >= N as u64, "{N} uses wrote {} audit entries", entries1 - entries0);
-    assert!(commits1 - commits0 <= (N / 4) as u64, "a batch of {N} uses took {} commits", commits1 - commits0);
+    // One member after the other takes exactly N commits (each waits for its own). Run
+    // together they share them, but how many they take depends on when the writer's thread
+    // wakes: 2 to 7 for the uses and 3 to 15 for the releases in debug builds on 2 vCPUs, 9
+    // on a busy CI machine. So the bound is "fewer than one each"; that the members run
+    // concurrently at all is pinned down without timing in crp-core's
+    // `a_batch_runs_its_members_concurrently_and_answers_in_its_order`.
+    assert!(commits1 - commits0 < N as u64, "a batch of {N} uses took {} commits", commits1 - commits0);
 
     let releases: Vec<Value> = ids
         .iter()
@@ -220,6 +226,7 @@ async fn a_batch_of_uses_and_releases_shares_commits() {
     let answers: Vec<Value> = serde_json::from_str(&text).unwrap();
     assert!(answers.iter().enumerate().all(|(i, a)| a["id"] == i && a.get("error").is_none()), "{text}");
     let commits2 = metric(&base, "crp_audit_commits_total").await;
-    assert!(commits2 - commits1 <= (N / 4) as u64, "a batch of {N} releases took {} commits", commits2 - commits1);
+    eprintln!("commits: {} for {N} uses, {} for their releases", commits1 - commits0, commits2 - commits1);
+    assert!(commits2 - commits1 < N as u64, "a batch of {N} releases took {} commits", commits2 - commits1);
     assert_eq!(metric(&base, "crp_leases_active").await, 0);
 }
